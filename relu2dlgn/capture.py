@@ -1,0 +1,423 @@
+"""Capture: trace a model into one torch.fx graph, with a leaf policy and each node's module path.
+
+The tracer follows torchvision's ``feature_extraction`` tracer: every node records the qualified name of the
+module it was created in (``node.meta["module_path"]``), so gate sites and errors can name where they are.
+
+Leaf policy, highest priority first:
+
+1. ``leaf_modules`` given by the user (types or module paths) are opaque leaves;
+2. timm's norm+activation modules (``BatchNormAct2d`` family) are *split*: the norm stays one module call
+   (so ``train()``/``eval()`` keep working) and its ``drop``/``act`` children are traced as separate calls,
+   which exposes the activation as a gate site;
+3. modules whose forward branches on ``self.training`` (DropPath, DropBlock, StochasticDepth) are leaves,
+   and so are timm's registered "no-trace" modules unless they contain activation modules (timm's VGG
+   ``ConvMlp``): those are traced into, so their activations become gates;
+4. otherwise torch.fx's rule: ``torch.nn`` modules are leaves, everything else is traced through.
+
+Shape-dependent Python control flow (timm's VGG ``ConvMlp``) cannot be traced symbolically. The tracer
+first tries plain symbolic tracing (fast); if the model branches on a traced value it re-traces
+*concretely*: every node also carries its value on an example input, branches on **shape-derived**
+values are resolved with that value and guarded at run time (a mismatch raises
+:class:`~relu2dlgn.errors.SpecialisationError` naming the module and how to re-convert), while branches on
+tensor **data** raise :class:`~relu2dlgn.errors.ConversionError`.
+"""
+from __future__ import annotations
+
+import linecache
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.node import map_aggregate
+
+try:  # run real code while tracing: torch.fx patches Module.__call__ and autowrapped functions
+    from torch.fx._symbolic_trace import _maybe_revert_all_patches as _unpatched
+except ImportError:  # pragma: no cover - older torch
+    import contextlib
+
+    _unpatched = contextlib.nullcontext
+
+from .errors import ConversionError, SpecialisationError
+
+_SELF_DIR = __file__.rsplit("/", 1)[0]
+_TORCH_DIR = torch.__file__.rsplit("/", 1)[0]
+
+
+@dataclass
+class Guard:
+    """A branch taken on a shape-derived value during concrete tracing."""
+
+    node: fx.Node
+    expected: Any
+    module_path: str
+    where: str
+
+
+@dataclass
+class Captured:
+    """The result of tracing: one graph plus the modules/attributes its nodes refer to."""
+
+    graph: fx.Graph
+    modules: dict[str, Any]
+    root: nn.Module
+    example_inputs: tuple | None
+    guards: list[Guard] = field(default_factory=list)
+    hidden: list[tuple[str, str]] = field(default_factory=list)
+    concrete: bool = False
+
+
+class _NeedsConcrete(Exception):
+    """Raised by the plain tracer when the model needs concrete values (control flow on a traced value)."""
+
+    def __init__(self, module_path: str, where: str, what: str):
+        super().__init__(f"{what} at {module_path or '<root>'} ({where})")
+        self.module_path, self.where, self.what = module_path, where, what
+
+
+def _user_frame() -> str:
+    """'file:line: code' of the innermost frame outside torch and relu2dlgn."""
+    for fs in reversed(traceback.extract_stack()):
+        if not fs.filename.startswith((_SELF_DIR, _TORCH_DIR)) and "<" not in fs.filename:
+            line = (fs.line or linecache.getline(fs.filename, fs.lineno)).strip()
+            return f"{fs.filename}:{fs.lineno}: {line}"
+    return "<unknown>"
+
+
+class _ProxyMixin:
+    """Routes every implicit Python conversion of a proxy through the tracer."""
+
+    def __getattr__(self, k: str):
+        return _Attribute(self, k)
+
+    def __len__(self) -> int:
+        return self.tracer._concrete(self, len, "len() of a traced value")
+
+    def __int__(self) -> int:
+        return self.tracer._concrete(self, int, "int() of a traced value")
+
+    def __index__(self) -> int:
+        return self.tracer._concrete(self, int, "a traced value used as an index")
+
+    def __float__(self) -> float:
+        return self.tracer._concrete(self, float, "float() of a traced value")
+
+
+class _Proxy(_ProxyMixin, fx.Proxy):
+    pass
+
+
+class _Attribute(_ProxyMixin, fx.proxy.Attribute):
+    pass
+
+
+def _check_specialisation(actual: Any, expected: Any, module_path: str, where: str, example: str) -> None:
+    """Run-time guard inserted after each branch that concrete tracing resolved."""
+    if actual != expected:
+        raise SpecialisationError(
+            f"the converted graph was specialised for the example input(s) {example}: at module "
+            f"'{module_path or '<root>'}' ({where}) the branch condition was {expected!r} but is {actual!r} "
+            f"for this input. Re-convert with an example input of the shape you call it with, e.g. "
+            f"relu2dlgn.convert(model, example_inputs=(torch.randn(<that shape>),), ...)."
+        )
+
+
+def _timm_notrace() -> tuple[set[type], set[Callable]]:
+    if "timm" not in sys.modules:
+        return set(), set()
+    try:
+        from timm.layers import _fx as timm_fx
+    except Exception:  # pragma: no cover - timm without fx helpers
+        return set(), set()
+    return set(timm_fx.get_notrace_modules()), set(timm_fx.get_notrace_functions())
+
+
+def _training_dependent_types() -> tuple[type, ...]:
+    out: list[type] = []
+    if "timm" in sys.modules:
+        try:
+            from timm.layers import DropBlock2d, DropPath
+            out += [DropPath, DropBlock2d]
+        except Exception:  # pragma: no cover
+            pass
+    if "torchvision" in sys.modules:
+        try:
+            from torchvision.ops import StochasticDepth
+            out.append(StochasticDepth)
+        except Exception:  # pragma: no cover
+            pass
+    return tuple(out)
+
+
+# ---- norm + activation modules (timm) --------------------------------------------------------------
+
+def _norm_base(m: nn.Module) -> type | None:
+    """The plain norm class that ``m`` (a timm norm+act module) computes before its drop/act."""
+    if not ("timm" in sys.modules and hasattr(m, "act") and isinstance(m.act, nn.Module)):
+        return None
+    try:
+        from timm.layers import norm_act
+    except Exception:  # pragma: no cover
+        return None
+    if isinstance(m, (norm_act.BatchNormAct2d, getattr(norm_act, "SyncBatchNormAct", ()))):
+        return nn.BatchNorm2d
+    if isinstance(m, norm_act.FrozenBatchNormAct2d):
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        return FrozenBatchNorm2d
+    if isinstance(m, norm_act.GroupNormAct):
+        return nn.GroupNorm
+    if type(m).__name__ == "LayerNormAct":
+        return nn.LayerNorm
+    return None
+
+
+def split_norm_act(m: nn.Module) -> tuple[nn.Module, list[str]] | None:
+    """A plain norm module sharing ``m``'s parameters and buffers, and the names of the children to call
+    after it (``drop``, ``act``). ``None`` if ``m`` is not a norm+act module."""
+    base = _norm_base(m)
+    if base is None:
+        return None
+    norm = base.__new__(base)
+    state = {k: (dict(v) if k in ("_parameters", "_buffers", "_modules") else v) for k, v in m.__dict__.items()}
+    for child in ("act", "drop"):
+        state["_modules"].pop(child, None)
+    norm.__dict__.update(state)
+    after = [c for c in ("drop", "act") if isinstance(getattr(m, c, None), nn.Module)
+             and not isinstance(getattr(m, c), nn.Identity)]
+    return norm, after
+
+
+def _contains_activation(m: nn.Module) -> bool:
+    from .sites import is_activation_module, nonlinear_module_name
+    return any(is_activation_module(sub) or nonlinear_module_name(sub) for sub in m.modules() if sub is not m)
+
+
+class CaptureTracer(fx.Tracer):
+    """torch.fx tracer with relu2dlgn's leaf policy, module paths and (optionally) concrete values."""
+
+    def __init__(self, leaf_modules: Iterable[type | str] = (), example_inputs: tuple | None = None,
+                 concrete: bool = False):
+        timm_leaves, timm_fns = _timm_notrace()
+        super().__init__(autowrap_functions=tuple(f for f in timm_fns if callable(f)),
+                         param_shapes_constant=True)
+        self.user_leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        self.user_leaf_paths = {p for p in leaf_modules if isinstance(p, str)}
+        self.timm_leaves = tuple(timm_leaves)
+        self.training_dependent = _training_dependent_types()
+        self.module_table: dict[str, nn.Module] = {}
+        self.hidden: list[tuple[str, str]] = []
+        self.concrete = concrete
+        self.example_inputs = example_inputs
+        self.values: dict[fx.Node, Any] = {}
+        self.guards: list[Guard] = []
+        self._placeholder_index = 0
+        self.failed_path: str | None = None
+
+    # -- leaf policy ---------------------------------------------------------------------------
+    def _user_leaf(self, m: nn.Module, path: str) -> bool:
+        return path in self.user_leaf_paths or isinstance(m, self.user_leaf_types)
+
+    def is_leaf_module(self, m: nn.Module, path: str) -> bool:
+        if self._user_leaf(m, path):
+            return True
+        if split_norm_act(m) is not None:
+            return False
+        if isinstance(m, self.training_dependent):
+            return True
+        if isinstance(m, self.timm_leaves):
+            # timm's no-trace modules stay opaque unless they hide activations: then trace into them
+            # (concrete tracing resolves the shape-dependent control flow that made timm mark them)
+            return not _contains_activation(m)
+        return super().is_leaf_module(m, path)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        path = self.path_of_module(m)
+        split = None if self._user_leaf(m, path) else split_norm_act(m)
+        if split is not None:
+            norm, after = split
+            self.module_table[path] = norm
+
+            def forward(*a: Any, **kw: Any) -> Any:
+                x = self.create_proxy("call_module", path, a, kw)
+                for child in after:
+                    x = getattr(m, child)(x)
+                return x
+        elif self.is_leaf_module(m, path) and _contains_activation(m):
+            self.hidden.append((path, f"leaf module {type(m).__name__} contains activation modules that are "
+                                      f"not converted to gates"))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_path is None:
+                self.failed_path = path
+            raise
+
+    # -- nodes ------------------------------------------------------------------------------------
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def current_path(self) -> str:
+        if not self.module_stack:
+            return ""
+        return next(reversed(self.module_stack.values()))[0]
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta["module_path"] = target if kind == "call_module" else self.current_path()
+        return node
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.concrete:
+            self._record(proxy.node)
+        return proxy
+
+    # -- concrete values ---------------------------------------------------------------------------
+    def _record(self, node: fx.Node) -> None:
+        def val(a: Any) -> Any:
+            return self.values[a] if isinstance(a, fx.Node) else a
+
+        args = map_aggregate(node.args, val)
+        kwargs = map_aggregate(node.kwargs, val)
+        shape_only = False
+        with torch.no_grad(), _unpatched():
+            if node.op == "placeholder":
+                value = self.example_inputs[self._placeholder_index]
+                self._placeholder_index += 1
+            elif node.op == "get_attr":
+                value = _fetch(self.root, node.target)
+            elif node.op == "call_module":
+                mod = self.module_table.get(node.target) or self.root.get_submodule(node.target)
+                value = mod(*args, **kwargs)
+            elif node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+                shape_only = node.target in ("size", "dim", "numel", "nelement", "ndimension")
+            elif node.op == "call_function":
+                value = node.target(*args, **kwargs)
+                shape_only = node.target is getattr and node.args[1] in ("shape", "ndim", "dtype", "device",
+                                                                         "is_cuda", "layout")
+            else:
+                value = None
+        if not shape_only and node.op in ("call_function", "call_method") and not isinstance(value, torch.Tensor):
+            inputs = node.all_input_nodes
+            shape_only = bool(inputs) and all(n.meta.get("shape_only", False) for n in inputs)
+        node.meta["shape_only"] = shape_only
+        self.values[node] = value
+
+    def _concrete(self, proxy: fx.Proxy, convert: Callable, what: str) -> Any:
+        where = _user_frame()
+        path = self.current_path()
+        if not self.concrete:
+            raise _NeedsConcrete(path, where, what)
+        node = proxy.node
+        if not node.meta.get("shape_only", False):
+            raise ConversionError(
+                f"data-dependent control flow at module '{path or '<root>'}' ({where}): {what} depends on "
+                f"tensor values, so no single graph represents the model. Mark the module as a leaf "
+                f"(leaf_modules=('{path}',)) to keep it opaque, or rewrite it without Python branching on data."
+            )
+        value = convert(self.values[node])
+        if convert is len:
+            node = self.create_proxy("call_function", len, (proxy,), {}).node
+        self.guards.append(Guard(node, value, path, where))
+        return value
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return self._concrete(obj, bool, "a branch on a traced value")
+
+    def iter(self, obj: fx.Proxy):
+        n = self._concrete(obj, len, "iteration over a traced value")
+        return iter([obj[i] for i in range(n)])
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """An example input when the user gives none: timm's ``pretrained_cfg['input_size']`` (batch 1), else
+    the geometry of the first convolution or linear layer, else ``None``."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return (torch.randn(1, *cfg["input_size"]),)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return (torch.randn(1, m.in_channels, 224, 224),)
+        if isinstance(m, nn.Conv1d):
+            return (torch.randn(1, m.in_channels, 224),)
+        if isinstance(m, nn.Conv3d):
+            return (torch.randn(1, m.in_channels, 16, 112, 112),)
+        if isinstance(m, nn.Linear):
+            return (torch.randn(1, m.in_features),)
+    return None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None,
+            leaf_modules: Iterable[type | str] = ()) -> Captured:
+    """Trace ``model`` (in eval mode, on a copy) into a :class:`Captured` graph.
+
+    Raises :class:`ConversionError` naming the module path, the reason and the remedy when tracing fails.
+    """
+    leaf_modules = tuple(leaf_modules)
+    for lm in leaf_modules:
+        if not isinstance(lm, (type, str)):
+            raise ConversionError(f"leaf_modules entries must be module types or module paths, got {lm!r}")
+    root = model.eval()  # the caller restores each module's training flag
+    examples = tuple(example_inputs) if example_inputs is not None else None
+    try:
+        return _trace(root, leaf_modules, examples, concrete=False)
+    except _NeedsConcrete as need:
+        if examples is None:
+            examples = default_example_inputs(root)
+            if examples is not None:
+                examples = tuple(e.to(_device_of(root)) for e in examples)
+        if examples is None:
+            raise ConversionError(
+                f"module '{need.module_path or '<root>'}' needs concrete shapes to trace ({need.what}, "
+                f"{need.where}); pass example_inputs=(an input tensor,) to relu2dlgn.convert"
+            ) from None
+        return _trace(root, leaf_modules, examples, concrete=True)
+
+
+def _trace(root: nn.Module, leaf_modules: tuple, examples: tuple | None, concrete: bool) -> Captured:
+    tracer = CaptureTracer(leaf_modules, examples, concrete)
+    try:
+        graph = tracer.trace(root)
+    except (_NeedsConcrete, ConversionError):
+        raise
+    except Exception as exc:
+        path = tracer.failed_path if tracer.failed_path is not None else tracer.current_path()
+        where = path or "<root>"
+        mod = root.get_submodule(path) if path else root
+        raise ConversionError(
+            f"cannot trace module '{where}' ({type(mod).__name__}): {type(exc).__name__}: {exc}. "
+            f"Remedy: keep it opaque with relu2dlgn.convert(..., leaf_modules=('{path}',)) or "
+            f"leaf_modules=({type(mod).__name__},) (activations inside it are then not gates)."
+        ) from exc
+    modules: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            modules[node.target] = tracer.module_table.get(node.target) or root.get_submodule(node.target)
+        elif node.op == "get_attr":
+            modules[node.target] = _fetch(root, node.target)
+    example = ", ".join(str(tuple(e.shape)) for e in examples) if examples else ""
+    for guard in tracer.guards:
+        with graph.inserting_after(guard.node):
+            check = graph.call_function(_check_specialisation,
+                                        (guard.node, guard.expected, guard.module_path, guard.where, example))
+            check.meta["module_path"] = guard.module_path
+            check.meta["guard"] = True
+    return Captured(graph=graph, modules=modules, root=root, example_inputs=examples, guards=tracer.guards,
+                    hidden=tracer.hidden, concrete=concrete)

@@ -1,0 +1,159 @@
+"""``relu2dlgn.convert``: capture → gate sites → rewrite → :class:`~relu2dlgn.DLGN`."""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import Captured, capture, default_example_inputs
+from .dlgn import DLGN, MODES, POOLS, VALUE_INPUTS, ConversionReport, InputSpec
+from .errors import ConversionError
+from .rewrite import build_gating, build_value
+from .sites import Classified, GateSite, find_sites
+
+DEFAULT_BETA = 10.0
+
+
+def convert(
+    model: nn.Module,
+    mode: str = "dlgn",
+    *,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    value_input: str | None = None,
+    beta: float = DEFAULT_BETA,
+    pool: str = "gate",
+    strict: bool = True,
+    leaf_modules: Iterable[type | str] = (),
+) -> DLGN:
+    """Convert a ReLU network into a DGN or DLGN (gating graph + value graph), starting from its weights.
+
+    Args:
+        model: any torch.fx-traceable ``nn.Module`` (timm, torchvision, your own). It is not modified.
+        mode: ``"dlgn"`` — the gating network is a deep *linear* network (every gate site's activation
+            removed, max-pooling replaced by a linear stand-in), so in eval mode each pre-activation is an
+            affine function of the input; ``"dgn"`` — the gating network is the source network itself.
+        example_inputs: input(s) used to resolve shape-dependent Python control flow and to record the
+            expected input rank (default: timm's ``pretrained_cfg['input_size']`` when needed).
+        value_input: ``"input"`` (x) or ``"ones"`` (a constant tensor of ones shaped like x). Default:
+            ``"input"`` — with it a DGN reproduces the source model and a DLGN starts close to it;
+            ``"ones"`` is the papers' experiment that all information flows through the gates.
+        beta: soft-gate sharpness for training (``sigmoid(beta q)``); change later with ``dlgn.beta = ...``.
+        pool: DLGN only: ``"gate"`` — max-pool is a gate (arg-max of the gating net's pre-pool tensor picks
+            what the value net passes; soft-max weights in training) while the gating net continues with
+            average pooling; ``"avg"`` — average pooling in both networks (the authors' choice).
+        strict: DLGN only: raise :class:`ConversionError` listing every nonlinearity that is not a gate
+            (sigmoid, softmax, GELU, products of two input-dependent tensors, ...). ``False`` keeps them and
+            records them in ``dlgn.report``. DGN keeps (and reports) them always.
+        leaf_modules: module types or module paths to keep opaque (not traced into).
+
+    Returns:
+        a :class:`DLGN`; ``dlgn(x) == dlgn.value(value_input(x), *dlgn.gates(x))``. Its ``state_dict`` mirrors
+        the source's parameter names under ``gating.`` and ``value.``. It is in the source model's mode.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"convert() expects an nn.Module, got {type(model).__name__}")
+    if mode not in MODES:
+        raise ConversionError(f"mode must be one of {MODES}, got {mode!r}")
+    value_input = "input" if value_input is None else value_input
+    if value_input not in VALUE_INPUTS:
+        raise ConversionError(f"value_input must be one of {VALUE_INPUTS}, got {value_input!r}")
+    if pool not in POOLS:
+        raise ConversionError(f"pool must be one of {POOLS}, got {pool!r}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    _check_model(model)
+
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        cap = capture(model, example_inputs, leaf_modules)
+    finally:
+        for m, t in was_training.items():
+            m.training = t
+    sites, nonlinear = find_sites(cap.graph, cap.modules)
+    linear = mode == "dlgn"
+    standins: list[tuple[fx.Node, Classified]] = []
+    if linear and pool == "avg":
+        standins = [(n, c) for n, c in sites if c.kind == "maxpool"]
+        sites = [(n, c) for n, c in sites if c.kind != "maxpool"]
+    source = type(model).__name__
+    if linear and strict and (nonlinear or cap.hidden):
+        problems = [str(n) for n in nonlinear] + [f"{p}: {r}" for p, r in cap.hidden]
+        raise ConversionError(
+            f"strict DLGN conversion of {source}: {len(problems)} nonlinearit{'y is' if len(problems) == 1 else 'ies are'} "
+            f"not gates, so the gating network would not be linear:\n  - " + "\n  - ".join(problems) +
+            "\nUse strict=False to keep them (reported in dlgn.report), or mode='dgn'."
+        )
+    if not sites:
+        raise ConversionError(
+            f"{source} has no gate site: no ReLU / LeakyReLU / PReLU / ReLU6 / Hardtanh / max-pool call was "
+            f"found in its traced graph" + (f" (opaque leaves: {', '.join(p for p, _ in cap.hidden)})"
+                                             if cap.hidden else "")
+        )
+
+    gating = build_gating(cap.graph, cap.modules, sites, standins, linear)
+    value = build_value(cap.graph, cap.modules, sites, standins)
+    records = [GateSite(i, c.kind, n.name, n.meta.get("module_path", ""), c.op, c.inplace, dict(c.params))
+               for i, (n, c) in enumerate(sites)]
+    report = ConversionReport(mode=mode, value_input=value_input, pool=pool if linear else "gate", strict=strict,
+                              source=source, sites=records, nonlinear_kept=nonlinear, hidden=cap.hidden,
+                              specialised=[f"{g.module_path or '<root>'}: {g.where} == {g.expected!r}"
+                                           for g in cap.guards],
+                              pool_standins=[f"{c.op} at {n.meta.get('module_path', '') or '<root>'}"
+                                             for n, c in standins])
+    dlgn = DLGN(gating, value, records, mode=mode, value_input=value_input, beta=beta, pool=report.pool,
+                report=report, input_specs=_input_specs(cap, model))
+    dlgn.train(model.training)
+    if example_inputs is not None:
+        _record_shapes(dlgn, tuple(example_inputs))
+    return dlgn
+
+
+def _check_model(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise ConversionError(f"parameter/buffer '{name}' is on the meta device (no data); materialise the "
+                                  f"model first (model.to_empty(device='cpu') and load its weights)")
+
+
+def _input_specs(cap: Captured, model: nn.Module) -> list[InputSpec]:
+    placeholders = [n for n in cap.graph.nodes if n.op == "placeholder"]
+    examples = cap.example_inputs
+    if examples is None:
+        examples = default_example_inputs(model) if _has_cfg(model) else None
+    specs = []
+    for i, p in enumerate(placeholders):
+        ex = examples[i] if examples is not None and i < len(examples) else None
+        if isinstance(ex, torch.Tensor):
+            specs.append(InputSpec(p.target, ex.dim(), tuple(ex.shape)))
+        else:
+            specs.append(InputSpec(p.target, _rank_from_users(p, cap.modules)))
+    return specs
+
+
+def _has_cfg(model: nn.Module) -> bool:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    return isinstance(cfg, dict) and bool(cfg.get("input_size"))
+
+
+def _rank_from_users(p: fx.Node, modules: dict) -> int | None:
+    """The batched input rank implied by the first layer that reads the input (conv: 2 + spatial dims)."""
+    for user in p.users:
+        if user.op == "call_module" and user.args and user.args[0] is p:
+            m = modules.get(user.target)
+            if isinstance(m, nn.modules.conv._ConvNd):
+                return 2 + len(m.kernel_size)
+    return None
+
+
+def _record_shapes(dlgn: DLGN, examples: tuple) -> None:
+    training = dlgn.training
+    dlgn.eval()
+    try:
+        with torch.no_grad():
+            qs = dlgn.gating(*examples)
+        for site, q in zip(dlgn.sites, qs):
+            site.shape = tuple(q.shape)
+    finally:
+        dlgn.train(training)

@@ -1,0 +1,228 @@
+"""Gate arithmetic: turning a pre-activation into a gate, and applying a gate to a value.
+
+Every piecewise-linear activation ``phi`` is written as ``phi(q) = slope(g) * q + const(g)`` where the
+gate ``g`` says which linear piece the pre-activation ``q`` is in.  The gating network computes ``q``;
+the value network applies the selected piece to its *own* value ``v``:
+
+===========  =================================  ==============================================
+kind         gate g (hard; soft in train mode)  value network
+===========  =================================  ==============================================
+relu         1(q > 0)  (sigmoid(beta q))         v * g
+leaky_relu   1(q > 0)                            v * (g + a (1 - g))
+prelu        1(q > 0)                            v * (g + w (1 - g)),  w per channel (dim 1)
+hardtanh     [1(q > lo), 1(q > hi)] (stacked)    (g0 - g1) v + (1 - g0) lo + g1 hi
+maxpool      arg max of q in each window          v at that position
+             (soft: softmax(beta q) over window)  (soft: window-weighted sum of v)
+===========  =================================  ==============================================
+
+ReLU6 is hardtanh(0, 6).  With hard gates and ``v == q`` every row reproduces ``phi(q)`` exactly
+(products with 0/1 and additions of 0 are exact in floating point), which is what makes a DGN with the
+source weights and value input ``x`` equal to the source network.
+
+The functions here are module-level so that torch.fx code generation and pickling can refer to them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GATE_KINDS = ("relu", "leaky_relu", "prelu", "hardtanh", "maxpool")
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """Geometry of a max-pooling call site, normalised to one entry per spatial dimension."""
+
+    ndim: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    ceil_mode: bool
+
+    @staticmethod
+    def make(ndim: int, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+             ceil_mode: bool = False) -> "PoolGeometry":
+        def tup(v: Any) -> tuple[int, ...]:
+            if isinstance(v, (tuple, list)):
+                if len(v) == 1:
+                    return (int(v[0]),) * ndim
+                if len(v) != ndim:
+                    raise ValueError(f"expected {ndim} values, got {v!r}")
+                return tuple(int(x) for x in v)
+            return (int(v),) * ndim
+
+        k = tup(kernel_size)
+        s = k if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else tup(stride)
+        return PoolGeometry(ndim, k, s, tup(padding), tup(dilation), bool(ceil_mode))
+
+    def output_size(self, size: Sequence[int]) -> tuple[int, ...]:
+        """PyTorch's max-pool output size for spatial ``size``."""
+        out = []
+        for L, k, s, p, d in zip(size, self.kernel_size, self.stride, self.padding, self.dilation):
+            num = L + 2 * p - d * (k - 1) - 1
+            o = (-(-num // s) if self.ceil_mode else num // s) + 1
+            if self.ceil_mode and (o - 1) * s >= L + p:
+                o -= 1
+            out.append(o)
+        return tuple(out)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ndim": self.ndim, "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation), "ceil_mode": self.ceil_mode}
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What a gate computation needs to know about its site (independent of the graphs)."""
+
+    kind: str
+    lo: float = 0.0
+    hi: float = 0.0
+    pool: PoolGeometry | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# pre-activation -> gate
+# --------------------------------------------------------------------------------------------------
+
+def step(q: Tensor, beta: float, hard: bool) -> Tensor:
+    """``1(q > 0)`` (hard) or ``sigmoid(beta * q)`` (soft), in ``q``'s dtype."""
+    if hard:
+        return (q > 0).to(q.dtype)
+    return torch.sigmoid(q * beta)
+
+
+def make_gate(spec: GateSpec, q: Tensor, beta: float, hard: bool) -> Tensor:
+    """The gate tensor the value network consumes for one site, from that site's pre-activation."""
+    kind = spec.kind
+    if kind in ("relu", "leaky_relu", "prelu"):
+        return step(q, beta, hard)
+    if kind == "hardtanh":
+        return torch.stack([step(q - spec.lo, beta, hard), step(q - spec.hi, beta, hard)])
+    if kind == "maxpool":
+        geo = spec.pool
+        assert geo is not None
+        if hard:
+            return _max_pool_fn(geo.ndim)(q, geo.kernel_size, geo.stride, geo.padding, geo.dilation,
+                                          geo.ceil_mode, return_indices=True)[1]
+        return torch.softmax(pool_windows(q, geo, float("-inf")) * beta, dim=-1)
+    raise ValueError(f"unknown gate kind {kind!r}")
+
+
+def hard_pattern(spec: GateSpec, q: Tensor) -> Tensor:
+    """Boolean activation pattern of a site (what 'the gate is on' means), for statistics."""
+    if spec.kind == "hardtanh":
+        return (q > spec.lo) & ~(q > spec.hi)
+    if spec.kind == "maxpool":
+        return make_gate(spec, q, 1.0, True)
+    return q > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# gate applied to a value (these are the call targets the value graph contains)
+# --------------------------------------------------------------------------------------------------
+
+def gate_relu(v: Tensor, g: Tensor) -> Tensor:
+    return v * g
+
+
+def gate_relu_(v: Tensor, g: Tensor) -> Tensor:
+    return v.mul_(g)
+
+
+def _slope(g: Tensor, a: Tensor | float) -> Tensor:
+    return g + a * (1 - g)
+
+
+def gate_leaky_relu(v: Tensor, g: Tensor, negative_slope: float) -> Tensor:
+    return v * _slope(g, negative_slope)
+
+
+def gate_leaky_relu_(v: Tensor, g: Tensor, negative_slope: float) -> Tensor:
+    return v.mul_(_slope(g, negative_slope))
+
+
+def _prelu_weight(v: Tensor, weight: Tensor) -> Tensor:
+    if weight.numel() == 1:
+        return weight.reshape(())
+    if v.dim() < 2:
+        return weight
+    return weight.reshape((1, -1) + (1,) * (v.dim() - 2))
+
+
+def gate_prelu(v: Tensor, g: Tensor, weight: Tensor) -> Tensor:
+    return v * _slope(g, _prelu_weight(v, weight))
+
+
+def gate_hardtanh(v: Tensor, g: Tensor, lo: float, hi: float) -> Tensor:
+    g0, g1 = g[0], g[1]
+    return (g0 - g1) * v + ((1 - g0) * lo + g1 * hi)
+
+
+def gate_hardtanh_(v: Tensor, g: Tensor, lo: float, hi: float) -> Tensor:
+    g0, g1 = g[0], g[1]
+    return v.mul_(g0 - g1).add_((1 - g0) * lo + g1 * hi)
+
+
+def gate_maxpool(v: Tensor, g: Tensor, ndim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...],
+                 padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool) -> Tensor:
+    """Max-pool gate: ``g`` holds arg-max indices (hard) or window weights (soft)."""
+    if not g.is_floating_point():
+        return v.flatten(2).gather(2, g.flatten(2)).view(g.shape)
+    geo = PoolGeometry(ndim, kernel_size, stride, padding, dilation, ceil_mode)
+    return (pool_windows(v, geo, 0.0) * g).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# pooling helpers
+# --------------------------------------------------------------------------------------------------
+
+def _max_pool_fn(ndim: int):
+    return {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[ndim]
+
+
+def _avg_pool_fn(ndim: int):
+    return {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[ndim]
+
+
+def pool_windows(x: Tensor, geo: PoolGeometry, fill: float) -> Tensor:
+    """All pooling windows of ``x`` (N, C, *S): returns (N, C, *O, K) with K = prod(kernel_size).
+
+    Positions outside the input (padding, and the overhang that ``ceil_mode`` allows) hold ``fill``.
+    """
+    nd = geo.ndim
+    spatial = x.shape[2:]
+    out = geo.output_size(spatial)
+    pad: list[int] = []
+    for i in reversed(range(nd)):
+        span = geo.dilation[i] * (geo.kernel_size[i] - 1) + 1
+        right = max(0, (out[i] - 1) * geo.stride[i] + span - spatial[i] - geo.padding[i])
+        pad += [geo.padding[i], right]
+    if any(pad):
+        x = F.pad(x, pad, value=fill)
+    for i in range(nd):
+        span = geo.dilation[i] * (geo.kernel_size[i] - 1) + 1
+        x = x.unfold(2 + i, span, geo.stride[i]).narrow(2 + i, 0, out[i])
+        if geo.dilation[i] > 1:
+            x = x[..., :: geo.dilation[i]]
+    return x.flatten(2 + nd)
+
+
+def avg_pool_standin(x: Tensor, ndim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...],
+                     padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool) -> Tensor:
+    """The linear stand-in for max-pooling: the mean over the valid elements of each window.
+
+    Same geometry (and so the same output shape) as the max-pool it replaces; padding is not counted.
+    """
+    if all(d == 1 for d in dilation):
+        return _avg_pool_fn(ndim)(x, kernel_size, stride, padding, ceil_mode, count_include_pad=False)
+    geo = PoolGeometry(ndim, kernel_size, stride, padding, dilation, ceil_mode)
+    total = pool_windows(x, geo, 0.0).sum(-1)
+    count = pool_windows(torch.ones_like(x[:1, :1]), geo, 0.0).sum(-1)
+    return total / count

@@ -1,0 +1,267 @@
+"""Rewrite: one traced graph → a gating graph and a value graph, joined by one gate per site.
+
+* **gating graph** ``(*inputs) -> (q_0, ..., q_{n-1})``: the pre-activation of every gate site.  In DGN mode
+  the source network's nonlinearities are kept; in DLGN mode every gate site's activation is removed (the
+  site becomes the identity) and max-pooling is replaced by its linear stand-in (average pooling of the
+  same geometry), so each ``q_i`` is an affine function of the input in eval mode.  The part of the graph
+  after the last site is dead and removed.
+* **value graph** ``(*value_inputs, gate_0, ..., gate_{n-1}) -> output``: the source graph with each site
+  replaced by the application of its gate to the value (see :mod:`relu2dlgn.gates`); in-place sites stay
+  in place (``v.mul_(g)``) so that tensors aliasing the activated one see the same values as in the source.
+
+In-place ops are never dropped: torch.fx's dead-code elimination does not see that ``y.add_(1)`` changes
+``y``, so pruning here keeps every in-place op that mutates a tensor the kept graph reads.  A captured
+pre-activation that a later in-place op could overwrite is cloned at the site.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import gates as G
+from .sites import Classified, GateSite, is_inplace
+
+_FRESH_MODULES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+    nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Upsample, nn.Embedding, nn.Softmax, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU,
+)
+_FRESH_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg,
+    operator.matmul, torch.add, torch.sub, torch.mul, torch.div, torch.cat, torch.stack, torch.matmul,
+    torch.mean, torch.sum, torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d, F.linear,
+    F.batch_norm, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, F.interpolate, F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.sigmoid,
+    torch.tanh, F.softmax, F.gelu, G.gate_relu, G.gate_leaky_relu, G.gate_prelu, G.gate_hardtanh,
+    G.gate_maxpool, G.avg_pool_standin,
+}
+_FRESH_METHODS = {"add", "sub", "mul", "div", "mean", "sum", "clone", "matmul", "sigmoid", "tanh", "softmax",
+                  "exp", "neg", "abs", "pow"}
+
+
+def _first_node(node: fx.Node) -> fx.Node | None:
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            return a
+    for a in node.kwargs.values():
+        if isinstance(a, fx.Node):
+            return a
+    return None
+
+
+def _is_fresh(node: fx.Node, modules: dict[str, Any]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _FRESH_MODULES)
+    if node.op == "call_function":
+        return node.target in _FRESH_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _FRESH_METHODS
+    return True
+
+
+def alias_analysis(graph: fx.Graph, modules: dict[str, Any]) -> tuple[dict[fx.Node, int], list[tuple[fx.Node, int]]]:
+    """Conservative storage groups: a node shares its first input's group unless it is known to return a
+    fresh tensor. Returns the groups and the in-place mutations (node, group) in graph order."""
+    group: dict[fx.Node, int] = {}
+    mutations: list[tuple[fx.Node, int]] = []
+    fresh = 0
+    for node in graph.nodes:
+        first = _first_node(node)
+        if node.op in ("call_module", "call_function", "call_method") and is_inplace(node, modules) and first:
+            group[node] = group[first]
+            mutations.append((node, group[first]))
+        elif first is None or _is_fresh(node, modules):
+            fresh += 1
+            group[node] = -fresh
+        else:
+            group[node] = group[first]
+    return group, mutations
+
+
+@dataclass
+class Rewritten:
+    gating: fx.GraphModule
+    value: fx.GraphModule
+    sites: list[GateSite]
+
+
+def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
+    new = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = new.graph_copy(graph, val_map)
+    new.output(out)
+    return new, val_map
+
+
+def _standin(graph: fx.Graph, node: fx.Node, c: Classified) -> fx.Node:
+    p = c.params
+    with graph.inserting_before(node):
+        new = graph.call_function(G.avg_pool_standin, (c.input, p["ndim"], tuple(p["kernel_size"]),
+                                                       tuple(p["stride"]), tuple(p["padding"]),
+                                                       tuple(p["dilation"]), p["ceil_mode"]))
+    new.meta = dict(node.meta)
+    return new
+
+
+def _remap(c: Classified, val_map: dict[fx.Node, fx.Node]) -> Classified:
+    weight = val_map[c.weight] if isinstance(c.weight, fx.Node) else c.weight
+    return Classified(c.kind, c.op, c.inplace, val_map[c.input], c.params, weight)
+
+
+def build_gating(graph: fx.Graph, modules: dict[str, Any], sites: list[tuple[fx.Node, Classified]],
+                 standins: list[tuple[fx.Node, Classified]], linear: bool) -> fx.GraphModule:
+    g, val_map = _copy_graph(graph)
+    captures: list[fx.Node] = []
+    for node, c in sites:
+        n, c = val_map[node], _remap(c, val_map)
+        with g.inserting_before(n):
+            cap = g.call_method("clone", (c.input,))
+        cap.meta = {"module_path": n.meta.get("module_path", ""), "capture": True}
+        captures.append(cap)
+        if linear:
+            repl = _standin(g, n, c) if c.kind == "maxpool" else c.input
+            n.replace_all_uses_with(repl)
+            g.erase_node(n)
+            val_map[node] = repl
+    for node, c in standins:
+        n, c = val_map[node], _remap(c, val_map)
+        repl = _standin(g, n, c)
+        n.replace_all_uses_with(repl)
+        g.erase_node(n)
+        val_map[node] = repl
+    output = next(n for n in reversed(g.nodes) if n.op == "output")
+    output.args = (tuple(captures),)
+
+    group, mutations = alias_analysis(g, modules)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for cap in captures:
+        src = cap.args[0]
+        if not any(order[m] > order[cap] and grp == group[src] for m, grp in mutations):
+            cap.replace_all_uses_with(src)
+            g.erase_node(cap)
+    _prune(g, modules)
+    return _graph_module(g, modules, "Gating")
+
+
+def _prune(g: fx.Graph, modules: dict[str, Any]) -> None:
+    """Remove what the outputs do not need, keeping in-place ops on needed tensors and guards/asserts."""
+    group, mutations = alias_analysis(g, modules)
+    nodes = list(g.nodes)
+    needed: set[fx.Node] = set()
+
+    def need(n: fx.Node) -> None:
+        stack = [n]
+        while stack:
+            x = stack.pop()
+            if x not in needed:
+                needed.add(x)
+                stack.extend(x.all_input_nodes)
+
+    for n in nodes:
+        if n.op in ("output", "placeholder"):
+            need(n)
+    changed = True
+    while changed:
+        changed = False
+        needed_groups = {group[n] for n in needed if n in group}
+        for m, grp in mutations:
+            if m not in needed and grp in needed_groups:
+                need(m)
+                changed = True
+        for n in nodes:
+            if n not in needed and not n.users and n.op != "output" and not _is_fresh(n, modules):
+                cone = _scalar_cone(n, needed)
+                if cone is not None:
+                    need(n)
+                    changed = True
+    for n in reversed(nodes):
+        if n not in needed:
+            g.erase_node(n)
+
+
+_SCALAR_FUNCTIONS = {getattr, len, max, min, operator.getitem, operator.lt, operator.le, operator.gt, operator.ge,
+                     operator.eq, operator.ne, operator.and_, operator.or_, operator.not_, operator.add,
+                     operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod}
+
+
+def _scalar_cone(n: fx.Node, needed: set[fx.Node]) -> set[fx.Node] | None:
+    """The not-yet-needed ancestors of a result-less node (a guard or an assert) if they are all cheap scalar
+    ops (shape queries, comparisons) on needed nodes; ``None`` if it depends on other computation."""
+    cone: set[fx.Node] = set()
+    stack = list(n.all_input_nodes)
+    if not stack:
+        return None
+    while stack:
+        x = stack.pop()
+        if x in needed or x in cone:
+            continue
+        scalar = (x.op == "call_function" and x.target in _SCALAR_FUNCTIONS) or (
+            x.op == "call_method" and x.target in ("size", "dim", "numel"))
+        if not scalar:
+            return None
+        cone.add(x)
+        stack.extend(x.all_input_nodes)
+    return cone
+
+
+def build_value(graph: fx.Graph, modules: dict[str, Any], sites: list[tuple[fx.Node, Classified]],
+                standins: list[tuple[fx.Node, Classified]]) -> fx.GraphModule:
+    g, val_map = _copy_graph(graph)
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    last = placeholders[-1]
+    gate_inputs: list[fx.Node] = []
+    for i in range(len(sites)):
+        with g.inserting_after(last):
+            last = g.placeholder(f"gate_{i}")
+        gate_inputs.append(last)
+    extra_modules: dict[str, Any] = {}
+    for (node, c), gate in zip(sites, gate_inputs):
+        n, c = val_map[node], _remap(c, val_map)
+        with g.inserting_before(n):
+            if c.kind == "relu":
+                new = g.call_function(G.gate_relu_ if c.inplace else G.gate_relu, (c.input, gate))
+            elif c.kind == "leaky_relu":
+                fn = G.gate_leaky_relu_ if c.inplace else G.gate_leaky_relu
+                new = g.call_function(fn, (c.input, gate, c.params["negative_slope"]))
+            elif c.kind == "prelu":
+                weight = c.weight
+                if isinstance(weight, str):
+                    extra_modules[weight] = modules[weight.rsplit(".", 1)[0]].weight
+                    weight = g.get_attr(weight)
+                new = g.call_function(G.gate_prelu, (c.input, gate, weight))
+            elif c.kind == "hardtanh":
+                fn = G.gate_hardtanh_ if c.inplace else G.gate_hardtanh
+                new = g.call_function(fn, (c.input, gate, c.params["lo"], c.params["hi"]))
+            elif c.kind == "maxpool":
+                p = c.params
+                new = g.call_function(G.gate_maxpool, (c.input, gate, p["ndim"], tuple(p["kernel_size"]),
+                                                       tuple(p["stride"]), tuple(p["padding"]),
+                                                       tuple(p["dilation"]), p["ceil_mode"]))
+            else:  # pragma: no cover - classify_gate only returns the kinds above
+                raise AssertionError(c.kind)
+        new.meta = dict(n.meta)
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+        val_map[node] = new
+    for node, c in standins:
+        n, c = val_map[node], _remap(c, val_map)
+        repl = _standin(g, n, c)
+        n.replace_all_uses_with(repl)
+        g.erase_node(n)
+        val_map[node] = repl
+    return _graph_module(g, {**modules, **extra_modules}, "Value")
+
+
+def _graph_module(g: fx.Graph, modules: dict[str, Any], name: str) -> fx.GraphModule:
+    g.lint()
+    targets = sorted({n.target for n in g.nodes if n.op in ("call_module", "get_attr")})
+    root = copy.deepcopy({t: modules[t] for t in targets})
+    return fx.GraphModule(root, g, class_name=name)
