@@ -154,6 +154,9 @@ def _record_shapes(dlgn: DLGN, examples: tuple) -> None:
         with torch.no_grad():
             qs = dlgn.gating(*examples)
         for site, q in zip(dlgn.sites, qs):
-            site.shape = tuple(q.shape)
+            shape = tuple(q.shape)
+            if site.kind == "maxpool":
+                shape = shape[:2] + site.spec.pool.output_size(shape[2:])
+            site.shape = shape
     finally:
         dlgn.train(training)
