@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - older torch
     _unpatched = contextlib.nullcontext
 
 from .errors import ConversionError, SpecialisationError
+from .gates import fx_leaf
 
 _SELF_DIR = __file__.rsplit("/", 1)[0]
 _TORCH_DIR = torch.__file__.rsplit("/", 1)[0]
@@ -114,6 +115,7 @@ class _Attribute(_ProxyMixin, fx.proxy.Attribute):
     pass
 
 
+@fx_leaf
 def _check_specialisation(actual: Any, expected: Any, module_path: str, where: str, example: str) -> None:
     """Run-time guard inserted after each branch that concrete tracing resolved."""
     if actual != expected:

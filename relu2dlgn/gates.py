@@ -26,7 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import functools
+
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -87,6 +90,20 @@ class GateSpec:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+def fx_leaf(fn):
+    """Make ``fn`` a leaf for torch.fx: called with proxies it records one ``call_function`` node instead of
+    being traced through (GraphModule unpickling re-traces the generated code, and these bodies branch)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        for a in args:
+            if isinstance(a, fx.Proxy):
+                return a.tracer.create_proxy("call_function", wrapper, args, {})
+        return fn(*args)
+
+    return wrapper
+
+
 # --------------------------------------------------------------------------------------------------
 # pre-activation -> gate
 # --------------------------------------------------------------------------------------------------
@@ -128,10 +145,12 @@ def hard_pattern(spec: GateSpec, q: Tensor) -> Tensor:
 # gate applied to a value (these are the call targets the value graph contains)
 # --------------------------------------------------------------------------------------------------
 
+@fx_leaf
 def gate_relu(v: Tensor, g: Tensor) -> Tensor:
     return v * g
 
 
+@fx_leaf
 def gate_relu_(v: Tensor, g: Tensor) -> Tensor:
     return v.mul_(g)
 
@@ -140,10 +159,12 @@ def _slope(g: Tensor, a: Tensor | float) -> Tensor:
     return g + a * (1 - g)
 
 
+@fx_leaf
 def gate_leaky_relu(v: Tensor, g: Tensor, negative_slope: float) -> Tensor:
     return v * _slope(g, negative_slope)
 
 
+@fx_leaf
 def gate_leaky_relu_(v: Tensor, g: Tensor, negative_slope: float) -> Tensor:
     return v.mul_(_slope(g, negative_slope))
 
@@ -156,20 +177,24 @@ def _prelu_weight(v: Tensor, weight: Tensor) -> Tensor:
     return weight.reshape((1, -1) + (1,) * (v.dim() - 2))
 
 
+@fx_leaf
 def gate_prelu(v: Tensor, g: Tensor, weight: Tensor) -> Tensor:
     return v * _slope(g, _prelu_weight(v, weight))
 
 
+@fx_leaf
 def gate_hardtanh(v: Tensor, g: Tensor, lo: float, hi: float) -> Tensor:
     g0, g1 = g[0], g[1]
     return (g0 - g1) * v + ((1 - g0) * lo + g1 * hi)
 
 
+@fx_leaf
 def gate_hardtanh_(v: Tensor, g: Tensor, lo: float, hi: float) -> Tensor:
     g0, g1 = g[0], g[1]
     return v.mul_(g0 - g1).add_((1 - g0) * lo + g1 * hi)
 
 
+@fx_leaf
 def gate_maxpool(v: Tensor, g: Tensor, ndim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...],
                  padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool) -> Tensor:
     """Max-pool gate: ``g`` holds arg-max indices (hard) or window weights (soft)."""
@@ -214,6 +239,7 @@ def pool_windows(x: Tensor, geo: PoolGeometry, fill: float) -> Tensor:
     return x.flatten(2 + nd)
 
 
+@fx_leaf
 def avg_pool_standin(x: Tensor, ndim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...],
                      padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool) -> Tensor:
     """The linear stand-in for max-pooling: the mean over the valid elements of each window.

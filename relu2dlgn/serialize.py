@@ -64,6 +64,7 @@ def save(dlgn: Any, path: str | os.PathLike) -> None:
                     for k, v in state.items()},
     }
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o755)
     try:
         save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "relu2dlgn": __version__})
         torch.save(_skeleton(dlgn), os.path.join(tmp, GRAPHS))
