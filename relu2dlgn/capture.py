@@ -315,7 +315,8 @@ class CaptureTracer(fx.Tracer):
         if not self.concrete:
             raise _NeedsConcrete(path, where, what)
         node = proxy.node
-        if not node.meta.get("shape_only", False):
+        shape_query = convert is len and isinstance(self.values.get(node), torch.Tensor)
+        if not (shape_query or node.meta.get("shape_only", False)):
             raise ConversionError(
                 f"data-dependent control flow at module '{path or '<root>'}' ({where}): {what} depends on "
                 f"tensor values, so no single graph represents the model. Mark the module as a leaf "

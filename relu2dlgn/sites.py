@@ -148,8 +148,8 @@ def _pool_params(ndim: int, kernel_size: Any, stride: Any, padding: Any, dilatio
     return PoolGeometry.make(ndim, kernel_size, stride, padding, dilation, ceil_mode).as_dict()
 
 
-_FUNCTIONAL_RELU = {F.relu: ("F.relu", None), torch.relu: ("torch.relu", False), torch.relu_: ("torch.relu_", True),
-                    F.relu_: ("F.relu_", True)}
+# F.relu_ is torch.relu_ itself
+_FUNCTIONAL_RELU = {F.relu: ("F.relu", None), torch.relu: ("torch.relu", False), torch.relu_: ("torch.relu_", True)}
 _FUNCTIONAL_MAXPOOL = {F.max_pool1d: ("F.max_pool1d", 1), F.max_pool2d: ("F.max_pool2d", 2),
                        F.max_pool3d: ("F.max_pool3d", 3), torch.max_pool1d: ("torch.max_pool1d", 1),
                        torch.max_pool2d: ("torch.max_pool2d", 2), torch.max_pool3d: ("torch.max_pool3d", 3)}

@@ -59,3 +59,94 @@ class TinyNet(nn.Module):
         x = self.pool(self.relu(self.bn1(self.conv1(x))))
         x = self.relu(self.bn2(self.conv2(x)))  # one module, two call sites
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class AllForms(nn.Module):
+    """Every gate form the converter supports: module, functional, method, in-place, reused module, all
+    piecewise-linear activations and max-pool geometries. ``SITES`` is the number of gate call sites."""
+
+    SITES = 23
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(6 if i else 3, 6, 3, padding=1) for i in range(10))
+        self.bn = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU()
+        self.relu_inplace = nn.ReLU(inplace=True)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.prelu = nn.PReLU(6)
+        self.prelu_weight = nn.Parameter(torch.full((6,), 0.3))
+        self.relu6 = nn.ReLU6()
+        self.htanh = nn.Hardtanh(-0.5, 0.7, inplace=True)
+        self.pool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.pool_dilated = nn.MaxPool2d(2, 1, 0, dilation=2)
+        self.head = nn.Linear(6, 5)
+        for conv in self.convs:  # keep the signal alive through a deep linear chain
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="linear")
+
+    def forward(self, x):
+        c = self.convs
+        x = self.relu(c[0](x))                       # 1 nn.ReLU
+        x = F.relu(c[1](x))                          # 2 F.relu
+        x = torch.relu(c[2](x))                      # 3 torch.relu
+        y = c[3](x)
+        y.relu_()                                    # 4 Tensor.relu_ (result unused: mutation only)
+        x = x + y
+        x = c[4](x).relu()                           # 5 Tensor.relu
+        x = torch.relu_(c[5](x))                     # 6 torch.relu_
+        x = F.relu(c[6](x), inplace=True)            # 7 F.relu(inplace=True)
+        z = self.bn(c[7](x))
+        identity = z
+        z = self.relu_inplace(z)                     # 8 nn.ReLU(inplace=True): identity sees it too
+        x = z + identity
+        x = self.relu(c[8](x))                       # 9 the same nn.ReLU module, second call site
+        x = self.leaky(x)                            # 10 nn.LeakyReLU
+        x = F.leaky_relu(x, 0.2)                     # 11 F.leaky_relu
+        x = self.prelu(x)                            # 12 nn.PReLU
+        x = F.prelu(x, self.prelu_weight)            # 13 F.prelu
+        x = self.relu6(c[9](x) * 4)                  # 14 nn.ReLU6
+        x = F.relu6(x - 1)                           # 15 F.relu6
+        x = self.htanh(x - 0.5)                      # 16 nn.Hardtanh(inplace=True)
+        x = F.hardtanh(x * 3, -1.0, 2.0)             # 17 F.hardtanh
+        x = F.leaky_relu_(x - 0.1, 0.05)             # 18 F.leaky_relu_
+        x = self.pool(x)                             # 19 nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        x = F.max_pool2d(x, 2, 1, 1)                 # 20 F.max_pool2d
+        x = self.pool_dilated(x)                     # 21 nn.MaxPool2d(dilation=2)
+        s = F.max_pool1d(x.flatten(2), 3, 2)         # 22 F.max_pool1d
+        s = F.hardtanh_(s, -2.0, 2.0)                # 23 F.hardtanh_
+        return self.head(s.mean(-1)), x.sum()
+
+
+class Pool3d(nn.Module):
+    """3-d convolution + max-pool gates."""
+
+    SITES = 3
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 4, 3, padding=1)
+        self.pool = nn.MaxPool3d(2, 2, ceil_mode=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv(x)))
+        x = F.max_pool3d(x, 2, 1, 1)
+        return self.fc(x.mean((2, 3, 4)))
+
+
+class MutatesAfterSite(nn.Module):
+    """A pre-activation that an in-place op overwrites after the site: the gating net must capture it first."""
+
+    SITES = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = torch.relu(y)
+        y.add_(1.0)
+        w = F.relu(y)
+        return self.fc((z + w).mean((2, 3)))
