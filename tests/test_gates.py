@@ -1,0 +1,114 @@
+"""Gate arithmetic against closed forms: each hard gate applied to v == q reproduces its activation."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from relu2dlgn import gates as G
+from relu2dlgn.gates import GateSpec, PoolGeometry
+
+GEOMETRIES = [  # (ndim, kernel, stride, padding, dilation, ceil_mode)
+    (2, 2, 2, 0, 1, False), (2, 3, 2, 1, 1, False), (2, 3, 2, 1, 1, True), (2, 2, 1, 0, 2, False),
+    (2, (3, 2), (2, 1), (1, 0), (1, 2), True), (1, 3, 2, 1, 1, True), (3, 2, 2, 0, 1, True), (3, 3, 1, 1, 2, False),
+]
+
+
+def _x(ndim, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn((2, 3) + (7, 8, 9)[:ndim], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES)
+def test_maxpool_hard_gate_reproduces_max_pool(geo):
+    nd, k, s, p, d, c = geo
+    x = _x(nd)
+    spec = GateSpec("maxpool", pool=PoolGeometry.make(nd, k, s, p, d, c))
+    ref = G._max_pool_fn(nd)(x, k, s, p, d, c)
+    g = G.make_gate(spec, x, 1.0, hard=True)
+    gp = spec.pool
+    out = G.gate_maxpool(x, g, nd, gp.kernel_size, gp.stride, gp.padding, gp.dilation, gp.ceil_mode)
+    assert torch.equal(out, ref)
+    assert spec.pool.output_size(x.shape[2:]) == tuple(ref.shape[2:])
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES)
+def test_pool_windows_max_and_soft_limit(geo):
+    nd, k, s, p, d, c = geo
+    x = _x(nd, 1)
+    geo_ = PoolGeometry.make(nd, k, s, p, d, c)
+    ref = G._max_pool_fn(nd)(x, k, s, p, d, c)
+    assert torch.equal(G.pool_windows(x, geo_, float("-inf")).amax(-1), ref)
+    w = G.make_gate(GateSpec("maxpool", pool=geo_), x, 1e4, hard=False)
+    assert torch.allclose(w.sum(-1), torch.ones_like(ref))
+    soft = G.gate_maxpool(x, w, nd, geo_.kernel_size, geo_.stride, geo_.padding, geo_.dilation, geo_.ceil_mode)
+    assert torch.allclose(soft, ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES)
+def test_avg_standin_is_mean_of_valid_window_elements(geo):
+    nd, k, s, p, d, c = geo
+    x = _x(nd, 2)
+    g = PoolGeometry.make(nd, k, s, p, d, c)
+    out = G.avg_pool_standin(x, nd, g.kernel_size, g.stride, g.padding, g.dilation, g.ceil_mode)
+    win = G.pool_windows(x, g, float("nan"))
+    ref = torch.nanmean(win, -1)
+    assert out.shape == ref.shape and torch.allclose(out, ref)
+
+
+def _hard(kind, q, **kw):
+    return G.make_gate(GateSpec(kind, **kw), q, 1.0, hard=True)
+
+
+def test_relu_family_closed_forms():
+    q = torch.linspace(-3, 3, 61, dtype=torch.float64)
+    assert torch.equal(G.gate_relu(q, _hard("relu", q)), F.relu(q))
+    assert torch.equal(G.gate_leaky_relu(q, _hard("leaky_relu", q), 0.1), F.leaky_relu(q, 0.1))
+    w = torch.tensor([0.25], dtype=torch.float64)
+    assert torch.equal(G.gate_prelu(q, _hard("prelu", q), w), F.prelu(q, w))
+    q4 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    w3 = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    assert torch.equal(G.gate_prelu(q4, _hard("prelu", q4), w3), F.prelu(q4, w3))
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 6.0), (-1.0, 1.0), (-0.5, 0.7)])
+def test_hardtanh_closed_form_including_ties(lo, hi):
+    q = torch.cat([torch.linspace(-8, 8, 161, dtype=torch.float64), torch.tensor([lo, hi], dtype=torch.float64)])
+    g = _hard("hardtanh", q, lo=lo, hi=hi)
+    assert g.shape == (2, q.numel())
+    assert torch.equal(G.gate_hardtanh(q, g, lo, hi), F.hardtanh(q, lo, hi))
+    assert torch.equal(G.gate_hardtanh_(q.clone(), g, lo, hi), F.hardtanh(q, lo, hi))
+
+
+def test_soft_gates_are_sigmoids_and_hard_gates_are_steps():
+    q = torch.tensor([-1.0, 0.0, 2.0])
+    assert torch.equal(G.step(q, 5.0, True), torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.allclose(G.step(q, 5.0, False), torch.sigmoid(5 * q))
+    g = G.make_gate(GateSpec("hardtanh", lo=0.0, hi=6.0), q, 2.0, hard=False)
+    assert torch.allclose(g, torch.stack([torch.sigmoid(2 * q), torch.sigmoid(2 * (q - 6))]))
+
+
+@pytest.mark.parametrize("fn,extra", [(G.gate_relu, ()), (G.gate_leaky_relu, (0.1,)), (G.gate_hardtanh, (-1.0, 1.0))])
+def test_gradcheck_value_and_gate(fn, extra):
+    q = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    kind = {G.gate_relu: "relu", G.gate_leaky_relu: "leaky_relu", G.gate_hardtanh: "hardtanh"}[fn]
+    spec = GateSpec(kind, lo=-1.0, hi=1.0)
+    v = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, q: fn(v, G.make_gate(spec, q, 3.0, False), *extra), (v, q))
+
+
+def test_gradcheck_soft_maxpool():
+    geo = PoolGeometry.make(2, 3, 2, 1, 1, True)
+    q = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(v, q):
+        w = G.make_gate(GateSpec("maxpool", pool=geo), q, 2.0, False)
+        return G.gate_maxpool(v, w, 2, geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.ceil_mode)
+
+    assert torch.autograd.gradcheck(f, (v, q))
+
+
+def test_pool_geometry_rejects_bad_arity():
+    with pytest.raises(ValueError, match="expected 2 values"):
+        PoolGeometry.make(2, (2, 2, 2))

@@ -1,0 +1,111 @@
+"""save -> load round trips; damaged, mismatched and future files raise LoadError naming the file."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import relu2dlgn
+from _models import AllForms, TinyNet, build, randomize_bn
+
+
+def _roundtrip(dlgn, tmp_path, x):
+    path = tmp_path / "m"
+    dlgn.save(path)
+    loaded = relu2dlgn.load(path)
+    assert loaded.training == dlgn.training
+    with torch.no_grad():
+        for a, b in zip(dlgn(x) if isinstance(dlgn(x), tuple) else (dlgn(x),),
+                        loaded(x) if isinstance(loaded(x), tuple) else (loaded(x),)):
+            assert torch.equal(a, b)
+    assert [s.as_dict() for s in loaded.sites] == [s.as_dict() for s in dlgn.sites]
+    assert loaded.beta == dlgn.beta and loaded.mode == dlgn.mode and loaded.value_input == dlgn.value_input
+    return loaded, path
+
+
+@pytest.mark.parametrize("mode", ["dlgn", "dgn"])
+def test_roundtrip_allforms(tmp_path, mode):
+    dlgn = relu2dlgn.convert(randomize_bn(AllForms()).eval(), mode=mode, value_input="ones", beta=7.0).eval()
+    loaded, _ = _roundtrip(dlgn, tmp_path, torch.randn(2, 3, 24, 24))
+    loaded.train()
+    loaded(torch.randn(2, 3, 24, 24))[0].sum().backward()          # still trainable
+    assert all(p.grad is not None for p in loaded.gating.parameters())
+
+
+def test_roundtrip_timm_vgg_with_specialisation(tmp_path):
+    x = torch.randn(2, 3, 64, 64)
+    dlgn = relu2dlgn.convert(build("timm:vgg11"), mode="dlgn", example_inputs=x[:1]).eval()
+    loaded, _ = _roundtrip(dlgn, tmp_path, x)
+    with pytest.raises(relu2dlgn.SpecialisationError):
+        loaded(torch.randn(1, 3, 224, 224))
+
+
+def test_save_replaces_atomically_and_leaves_no_temp(tmp_path):
+    d1 = relu2dlgn.convert(TinyNet(), mode="dlgn").eval()
+    d2 = relu2dlgn.convert(TinyNet(num_classes=3), mode="dlgn").eval()
+    d1.save(tmp_path / "m")
+    d2.save(tmp_path / "m")
+    assert os.listdir(tmp_path) == ["m"]
+    assert relu2dlgn.load(tmp_path / "m")(torch.randn(1, 3, 8, 8)).shape == (1, 3)
+
+
+def test_save_refuses_unrelated_directory_and_missing_parent(tmp_path):
+    d = relu2dlgn.convert(TinyNet(), mode="dlgn")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("keep me")
+    with pytest.raises(OSError, match="not a relu2dlgn save directory"):
+        d.save(tmp_path / "data")
+    assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
+    with pytest.raises(OSError, match="does not exist"):
+        d.save(tmp_path / "nope" / "m")
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "m"
+    relu2dlgn.convert(TinyNet(), mode="dlgn").save(path)
+    return path
+
+
+def test_load_truncated_weights(saved):
+    f = saved / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(relu2dlgn.LoadError, match=r"model\.safetensors: corrupted or truncated"):
+        relu2dlgn.load(saved)
+
+
+def test_load_corrupted_graphs(saved):
+    (saved / "graphs.pt").write_bytes(b"not a pickle at all")
+    with pytest.raises(relu2dlgn.LoadError, match=r"graphs\.pt: corrupted"):
+        relu2dlgn.load(saved)
+
+
+def test_load_weights_of_another_architecture(saved, tmp_path):
+    other = tmp_path / "other"
+    relu2dlgn.convert(TinyNet(num_classes=4), mode="dlgn").save(other)
+    os.replace(other / "model.safetensors", saved / "model.safetensors")
+    with pytest.raises(relu2dlgn.LoadError, match=r"do not match.*value\.fc\.weight: \(4, 16\) vs \(10, 16\)"):
+        relu2dlgn.load(saved)
+    relu2dlgn.convert(AllForms(), mode="dlgn").save(other)
+    os.replace(other / "model.safetensors", saved / "model.safetensors")
+    with pytest.raises(relu2dlgn.LoadError, match="missing.*unexpected"):
+        relu2dlgn.load(saved)
+
+
+def test_load_newer_format_and_garbage_config(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["format_version"] = 99
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(relu2dlgn.LoadError, match="format version 99 .* newer relu2dlgn"):
+        relu2dlgn.load(saved)
+    (saved / "config.json").write_text("{")
+    with pytest.raises(relu2dlgn.LoadError, match="config.json: unreadable or corrupted"):
+        relu2dlgn.load(saved)
+
+
+def test_load_not_a_model(tmp_path):
+    with pytest.raises(relu2dlgn.LoadError, match="not a saved relu2dlgn model"):
+        relu2dlgn.load(tmp_path)
