@@ -49,8 +49,10 @@ def save(dlgn: Any, path: str | os.PathLike) -> None:
 
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise OSError(f"cannot save to '{path}': directory '{parent}' does not exist")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot save to '{path}': cannot create directory '{parent}' ({exc})") from None
     state = {k: v.detach().contiguous().clone().cpu() for k, v in dlgn.state_dict().items()}
     config = {
         "format_version": FORMAT_VERSION,

@@ -51,16 +51,19 @@ def test_save_replaces_atomically_and_leaves_no_temp(tmp_path):
     assert relu2dlgn.load(tmp_path / "m")(torch.randn(1, 3, 8, 8)).shape == (1, 3)
 
 
-def test_save_refuses_unrelated_directory_and_missing_parent(tmp_path):
+def test_save_refuses_unrelated_directory_and_unwritable_parent(tmp_path):
     d = relu2dlgn.convert(TinyNet(), mode="dlgn")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("keep me")
     with pytest.raises(OSError, match="not a relu2dlgn save directory"):
         d.save(tmp_path / "data")
-    assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
-    with pytest.raises(OSError, match="does not exist"):
-        d.save(tmp_path / "nope" / "m")
-    assert sorted(os.listdir(tmp_path)) == ["data"]
+    assert os.listdir(tmp_path / "data") == ["precious.txt"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError, match="cannot create directory"):
+        d.save(tmp_path / "afile" / "m")
+    assert sorted(os.listdir(tmp_path)) == ["afile", "data"]
+    d.save(tmp_path / "new" / "nested" / "m")                  # missing parents are created
+    assert relu2dlgn.load(tmp_path / "new" / "nested" / "m").mode == "dlgn"
 
 
 @pytest.fixture
