@@ -139,6 +139,7 @@ def build_gating(graph: fx.Graph, modules: dict[str, Any], sites: list[tuple[fx.
         val_map[node] = repl
     output = next(n for n in reversed(g.nodes) if n.op == "output")
     output.args = (tuple(captures),)
+    _protect_inputs(g, modules)
 
     group, mutations = alias_analysis(g, modules)
     order = {n: i for i, n in enumerate(g.nodes)}
@@ -149,6 +150,19 @@ def build_gating(graph: fx.Graph, modules: dict[str, Any], sites: list[tuple[fx.
             g.erase_node(cap)
     _prune(g, modules)
     return _graph_module(g, modules, "Gating")
+
+
+def _protect_inputs(g: fx.Graph, modules: dict[str, Any]) -> None:
+    """Clone every input that an in-place op of the gating graph could mutate: the caller's tensor is the
+    value network's input too, and must reach it as the source model would have seen it."""
+    group, mutations = alias_analysis(g, modules)
+    mutated = {grp for _, grp in mutations}
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    for ph in placeholders:
+        if group[ph] in mutated:
+            with g.inserting_after(placeholders[-1]):
+                copy_ = g.call_method("clone", (ph,))
+            ph.replace_all_uses_with(copy_, delete_user_cb=lambda user: user is not copy_)
 
 
 def _prune(g: fx.Graph, modules: dict[str, Any]) -> None:

@@ -282,8 +282,8 @@ def make_teacher(teacher: nn.Module, example_inputs: Sequence[torch.Tensor] | No
 # losses and gate statistics
 # --------------------------------------------------------------------------------------------------
 
-def forward_with_preactivations(dlgn: DLGN, inputs: Sequence[Any], *, hard: bool, beta: float | None = None
-                                ) -> tuple[Any, tuple[torch.Tensor, ...]]:
+def forward_with_preactivations(dlgn: DLGN, inputs: Sequence[Any], *, hard: bool,
+                                beta: float | torch.Tensor | None = None) -> tuple[Any, tuple[torch.Tensor, ...]]:
     """``(dlgn output, pre-activations)`` with soft (``hard=False``) or hard gates, whatever the module mode."""
     qs = tuple(dlgn.gating(*inputs))
     b = dlgn.beta if beta is None else beta
@@ -298,33 +298,37 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
                     reduction="batchmean", log_target=True) * (t * t)
 
 
-def site_gate_loss(spec: GateSpec, q: torch.Tensor, q_teacher: torch.Tensor, beta: float) -> torch.Tensor:
-    """One site's gate-agreement loss (see the module docstring): BCE of the soft gates against the teacher's
-    0/1 pattern, or for max-pool the cross-entropy of the window soft-max against the teacher's arg max."""
+def site_gate_terms(spec: GateSpec, q: torch.Tensor, q_teacher: torch.Tensor, beta: float, *,
+                    loss: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """One site's gate-agreement loss and agreement count against the teacher's pre-activation ``q^T``.
+
+    Loss (see the module docstring): the BCE of the soft gates ``sigmoid(beta (q - c))`` against the teacher's
+    0/1 pattern ``1(q^T > c)`` for each threshold ``c`` of the site (0 for the ReLU family; lo and hi for
+    hardtanh), or for max-pool the cross-entropy of each window's soft-max ``softmax(beta q)`` against the
+    window's teacher arg max.  Agreement: the number of hard gate decisions that equal the teacher's (on/off,
+    the linear piece for hardtanh, the arg max for max-pool) and the number of decisions.
+
+    Returns ``(loss or None, agreeing decisions, decisions)``.
+    """
     q, qt = q.float(), q_teacher.float()
-    if spec.kind in ("relu", "leaky_relu", "prelu"):
-        return F.binary_cross_entropy_with_logits(beta * q, (qt > 0).float())
-    if spec.kind == "hardtanh":
-        logits = torch.stack([q - spec.lo, q - spec.hi]) * beta
-        target = torch.stack([qt > spec.lo, qt > spec.hi]).float()
-        return F.binary_cross_entropy_with_logits(logits, target)
+    if spec.kind in ("relu", "leaky_relu", "prelu", "hardtanh"):
+        if spec.kind == "hardtanh":
+            z, target = torch.stack([q - spec.lo, q - spec.hi]), torch.stack([qt > spec.lo, qt > spec.hi])
+            agree = ((z > 0) == target).all(0)
+        else:
+            z, target = q, qt > 0
+            agree = (z > 0) == target
+        value = F.binary_cross_entropy_with_logits(beta * z, target.float()) if loss else None
+        return value, agree.sum(), agree.numel()
     if spec.kind == "maxpool":
         geo = spec.pool
         assert geo is not None
         target = pool_windows(qt, geo, float("-inf")).argmax(-1)
-        logits = pool_windows(q, geo, float("-inf")) * beta
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        windows = pool_windows(q, geo, float("-inf"))
+        agree = windows.argmax(-1) == target
+        value = F.cross_entropy((windows * beta).reshape(-1, windows.shape[-1]), target.reshape(-1)) if loss else None
+        return value, agree.sum(), agree.numel()
     raise ValueError(f"unknown gate kind {spec.kind!r}")
-
-
-def site_agreement(spec: GateSpec, q: torch.Tensor, q_teacher: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(number of agreeing gate decisions, number of decisions)`` at one site, with hard gates: on/off for
-    the ReLU family, the linear piece for hardtanh, the arg max of each window for max-pool."""
-    g = make_gate(spec, q.float(), 1.0, True)
-    gt = make_gate(spec, q_teacher.float(), 1.0, True)
-    if spec.kind == "hardtanh":
-        return (g == gt).all(0).sum(), g[0].numel()
-    return (g == gt).sum(), g.numel()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -611,6 +615,13 @@ def _logits(out: Any) -> torch.Tensor:
                      f"the model returned {type(out).__name__}")
 
 
+def _grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
 class _StepModule(nn.Module):
     """What DistributedDataParallel wraps: one forward of the DLGN returning (output, pre-activations)."""
 
@@ -619,13 +630,15 @@ class _StepModule(nn.Module):
         self.dlgn = dlgn
         self.frozen_gating = frozen_gating
 
-    def forward(self, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
+    def forward(self, beta: torch.Tensor, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        # beta is a 0-d tensor, not the Python float dlgn.beta, so that torch.compile does not recompile
+        # every time the schedule changes it
         if self.frozen_gating:  # fixed gates: hard, from the gating network in eval mode, no graph
             with torch.no_grad():
                 qs = tuple(self.dlgn.gating(*inputs))
             gates = [make_gate(s, q, 1.0, True) for s, q in zip(self.dlgn._specs, qs)]
             return self.dlgn.value(*self.dlgn.value_inputs(*inputs), *gates), qs
-        return forward_with_preactivations(self.dlgn, inputs, hard=False)
+        return forward_with_preactivations(self.dlgn, inputs, hard=False, beta=beta)
 
 
 class Trainer:
@@ -681,7 +694,8 @@ class Trainer:
             teacher = teacher.to(self.device)
             if self.channels_last:
                 teacher.to(memory_format=torch.channels_last)
-            self.teacher = make_teacher(teacher, example_inputs, teacher_leaf_modules).to(self.device).eval()
+            examples = tuple(_to(e, self.device) for e in example_inputs) if example_inputs is not None else None
+            self.teacher = make_teacher(teacher, examples, teacher_leaf_modules).to(self.device).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
             self.pairs = match_sites(dlgn, self.teacher.site_nodes, self.teacher.site_kinds)
@@ -784,12 +798,15 @@ class Trainer:
             kd = kd_loss(logits, _logits(t_logits), cfg.temperature)
             loss = (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
             parts["kd"] = kd.detach()
-        if self.use_gate_loss:
-            assert t_qs is not None
-            specs = self.dlgn._specs
-            g = torch.stack([site_gate_loss(specs[i], qs[i], t_qs[j], self.dlgn.beta) for i, j in self.pairs]).mean()
-            loss = loss + cfg.gate_weight * g
-            parts["gate"] = g.detach()
+        if t_qs is not None and self.pairs:
+            terms = [site_gate_terms(self.dlgn._specs[i], qs[i], t_qs[j], self.dlgn.beta, loss=self.use_gate_loss)
+                     for i, j in self.pairs]
+            parts["agree"] = torch.stack([a for _, a, _ in terms])
+            parts["decisions"] = torch.tensor([n for _, _, n in terms], device=logits.device)
+            if self.use_gate_loss:
+                g = torch.stack([t for t, _, _ in terms]).mean()  # type: ignore[misc]
+                loss = loss + cfg.gate_weight * g
+                parts["gate"] = g.detach()
         return loss, parts
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -815,12 +832,16 @@ class Trainer:
                 if self.teacher is not None:
                     with torch.no_grad():
                         t_logits, t_qs = self.teacher(*inputs)
-                out, qs = self.step_module(*inputs)
+                beta = torch.tensor(self.dlgn.beta, dtype=torch.float32, device=self.device)
+                out, qs = self.step_module(beta, *inputs)
                 logits = _logits(out)
                 loss, parts = self._loss(logits, y, qs, t_logits, t_qs)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            if cfg.max_grad_norm:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                norm = _grad_norm(params)
             bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)).float()
             if self.distributed:
                 dist.all_reduce(bad)
@@ -838,11 +859,9 @@ class Trainer:
                         sums[k] += parts[key].double() * n
                 sums[4] += (logits.argmax(1) == y).sum()
                 sums[5] += n
-                if t_qs is not None:
-                    for k, (a, b) in enumerate(self.pairs):
-                        c, tot = site_agreement(self.dlgn._specs[a], qs[a], t_qs[b])
-                        agree[k] += c
-                        totals[k] += tot
+                if "agree" in parts:
+                    agree += parts["agree"]
+                    totals += parts["decisions"]
             if self.main and cfg.progress and i % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", beta=f"{self.dlgn.beta:.3g}")
         elapsed = time.perf_counter() - t0
@@ -891,7 +910,7 @@ class Trainer:
                 if self.teacher is not None and self.pairs:
                     _, t_qs = self.teacher(*inputs)
                     for k, (a, b) in enumerate(self.pairs):
-                        c, tot = site_agreement(self.dlgn._specs[a], qs[a], t_qs[b])
+                        _, c, tot = site_gate_terms(self.dlgn._specs[a], qs[a], t_qs[b], 1.0, loss=False)
                         agree[k] += c
                         totals[k] += tot
             sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
@@ -1013,7 +1032,6 @@ class Trainer:
             self._record(rec)
             self.save_checkpoint()
         elapsed = time.perf_counter() - start
-        self._set_train_mode()
         self.dlgn.eval()
         if cfg.out_dir and self.main:
             self.dlgn.save(os.path.join(cfg.out_dir, MODEL_DIR))

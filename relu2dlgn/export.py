@@ -1,0 +1,957 @@
+"""ONNX export of a converted model: ``relu2dlgn.export_onnx(dlgn, "model.onnx", example_inputs=(x,))``.
+
+The eval-mode (hard-gate) DLGN/DGN is exported as **one** ONNX graph ``inputs -> outputs``: the gating graph,
+the gates and the value graph all inside it. Gates lower to cheap, exact ONNX ops:
+
+==========================  =========================================================================
+gate kind                   ONNX
+==========================  =========================================================================
+relu / leaky_relu / prelu   ``Greater(q, 0) -> Cast(float)``; the value net multiplies by the mask
+hardtanh / relu6            two such masks (``q > lo``, ``q > hi``) stacked on a new leading axis
+maxpool                     ``MaxPool`` with its ``Indices`` output (made per-plane, as PyTorch's are);
+                            the value net reads its own tensor there with ``GatherElements``
+==========================  =========================================================================
+
+Comparisons and casts of 0/1 are exact, so the ONNX gates are those of PyTorch except where the two
+backends' pre-activations straddle a tie (``q`` within rounding of 0 / lo / hi, or two window elements
+within rounding of each other). See :func:`export_onnx` for how verification accounts for that.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import io
+import linecache
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .dlgn import DLGN
+from .errors import ExportError
+from .gates import make_gate
+
+__all__ = ["export_onnx", "ExportReport", "OnnxFile", "Verification", "SiteAgreement", "split_paths",
+           "add_export_parser", "cmd_export"]
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_GATE_TOL = 1e-4
+_PROVIDER = "CPUExecutionProvider"
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class OnnxFile:
+    """One written ONNX file."""
+
+    path: str
+    size: int
+    opset: int
+    inputs: list[str]
+    outputs: list[str]
+    ops: dict[str, int]
+
+
+@dataclass
+class SiteAgreement:
+    """How the onnxruntime gates of one site compare with PyTorch's on the verification batch."""
+
+    index: int
+    kind: str
+    module_path: str
+    total: int
+    flipped: int
+    worst_tie: float  # max over flipped gates of the tie gap / max|q| of the site (0 if none flipped)
+
+
+@dataclass
+class Verification:
+    """Figures of onnxruntime vs PyTorch on a fresh batch (see :func:`export_onnx`)."""
+
+    batch: int
+    provider: str
+    rtol: float
+    gate_tol: float
+    scale: float          # max |PyTorch output|
+    max_abs: float        # end to end: onnxruntime vs dlgn(x)
+    p99_abs: float
+    beyond_tol: float     # fraction of output elements with |err| > rtol * scale
+    value_max_abs: float  # onnxruntime output vs PyTorch value network fed onnxruntime's gates
+    value_scale: float
+    sites: list[SiteAgreement] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def gates_total(self) -> int:
+        return sum(s.total for s in self.sites)
+
+    @property
+    def gates_flipped(self) -> int:
+        return sum(s.flipped for s in self.sites)
+
+    @property
+    def worst_tie(self) -> float:
+        return max((s.worst_tie for s in self.sites), default=0.0)
+
+    def __str__(self) -> str:
+        rel = lambda v, s: f"{v:.3g} ({v / s:.2g} of max|y|)" if s > 0 else f"{v:.3g}"  # noqa: E731
+        lines = [
+            f"verified with onnxruntime ({self.provider}) on a fresh batch of {self.batch}: "
+            + ("OK" if self.ok else "FAILED"),
+            f"  output vs PyTorch          max |err| {rel(self.max_abs, self.scale)}, "
+            f"p99 |err| {rel(self.p99_abs, self.scale)}, beyond {self.rtol:g}*max|y|: {self.beyond_tol:.3%}",
+            f"  value net at ORT's gates   max |err| {rel(self.value_max_abs, self.value_scale)} "
+            f"(limit {self.rtol:g} of max|y|)",
+            f"  gates                      {self.gates_flipped} of {self.gates_total} differ"
+            + (f", all at ties (worst gap {self.worst_tie:.2g} of max|q|, limit {self.gate_tol:g})"
+               if self.gates_flipped and self.worst_tie <= self.gate_tol else
+               f" (worst gap {self.worst_tie:.2g} of max|q|, limit {self.gate_tol:g})" if self.gates_flipped else ""),
+        ]
+        lines += [f"  problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and how well it reproduces PyTorch. ``print(report)`` shows it all."""
+
+    files: list[OnnxFile]
+    mode: str
+    value_input: str
+    pool: str
+    num_sites: int
+    dynamic_batch: bool
+    example_shapes: list[tuple[int, ...]]
+    gates_output: bool
+    split: bool
+    exporter: str
+    seconds: float
+    verification: Verification | None = None
+
+    @property
+    def path(self) -> str:
+        """The fused file, or the gating file of a split export."""
+        return self.files[0].path
+
+    @property
+    def paths(self) -> list[str]:
+        return [f.path for f in self.files]
+
+    @property
+    def opset(self) -> int:
+        return self.files[0].opset
+
+    @property
+    def max_abs_error(self) -> float | None:
+        return self.verification.max_abs if self.verification else None
+
+    @property
+    def p99_abs_error(self) -> float | None:
+        return self.verification.p99_abs if self.verification else None
+
+    def __str__(self) -> str:
+        shapes = ", ".join("x".join(map(str, s)) for s in self.example_shapes)
+        lines = [f"relu2dlgn ONNX export ({self.exporter}, {self.seconds:.1f} s): mode={self.mode} "
+                 f"value_input={self.value_input} pool={self.pool}, {self.num_sites} gate sites, "
+                 f"traced at {shapes}, batch axis {'dynamic' if self.dynamic_batch else 'static'}"]
+        for f in self.files:
+            ops = ", ".join(f"{k} {v}" for k, v in sorted(f.ops.items(), key=lambda kv: (-kv[1], kv[0])))
+            lines += [f"{f.path}: {_human(f.size)}, opset {f.opset}, {sum(f.ops.values())} nodes",
+                      f"  inputs:  {', '.join(f.inputs)}",
+                      f"  outputs: {_short_list(f.outputs)}",
+                      f"  ops:     {ops}"]
+        lines.append(str(self.verification) if self.verification else "not verified (verify=False)")
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _short_list(names: Sequence[str], keep: int = 8) -> str:
+    if len(names) <= keep:
+        return ", ".join(names)
+    return ", ".join(names[:keep - 2]) + f", ... ({len(names)} in all), " + names[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# the modules that are exported
+# --------------------------------------------------------------------------------------------------
+
+class _ExportModule(nn.Module):
+    """``part="fused"``: inputs -> (*outputs, *gates?); ``"gating"``: inputs -> gates;
+    ``"value"``: (*inputs, *gates) -> outputs. Hard gates (eval mode) only."""
+
+    def __init__(self, dlgn: DLGN, part: str, gates_output: bool = False):
+        super().__init__()
+        self.part = part
+        self.gates_output = gates_output
+        self.num_inputs = len(dlgn.input_specs)
+        if part in ("fused", "gating"):
+            self.gating = dlgn.gating
+        if part in ("fused", "value"):
+            self.value = dlgn.value
+        self._specs = list(dlgn._specs)
+        self._beta = dlgn.beta
+        self._value_inputs = dlgn.value_inputs  # a bound method: not registered as a submodule
+
+    def _gates(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        qs = self.gating(*inputs)
+        return tuple(make_gate(spec, q, self._beta, True) for spec, q in zip(self._specs, qs))
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.part == "gating":
+            return self._gates(args)
+        if self.part == "value":
+            inputs, gates = args[:self.num_inputs], args[self.num_inputs:]
+        else:
+            inputs = args
+            gates = self._gates(inputs)
+        outputs = tuple(pytree.tree_leaves(self.value(*self._value_inputs(*inputs), *gates)))
+        if self.part == "fused" and self.gates_output:
+            return outputs + gates
+        return outputs
+
+
+# The exporter: torch.onnx's torch.export-based ("dynamo") exporter with onnxscript, fed an ExportedProgram
+# that we make ourselves with torch.export.export(strict=False). Why not the TorchScript exporter: it is
+# deprecated since torch 2.9 (DeprecationWarning on every call, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET 20) and
+# jit.trace records Python-level shape arithmetic as Shape/Gather/Concat chains, while torch.export proves
+# the batch axis symbolic (a model that bakes the batch size into its graph is refused, not silently
+# exported). Measured on this machine (2 cores) the dynamo route costs ~3 s for resnet18, ~6 s for
+# resnet50 and ~20 s for densenet121 (TorchScript: 1-7 s): affordable. We call torch.export ourselves
+# rather than let torch.onnx.export do it because torch.onnx falls back to other capture strategies when
+# torch.export fails (a numpy round trip then becomes a baked constant), and because the error then
+# carries a traceback that we map back to the DLGN's fx node.
+EXPORTER = "torch.export + torch.onnx (onnxscript)"
+
+
+def _output_names(example_out: Any) -> list[str]:
+    leaves = pytree.tree_flatten_with_path(example_out)[0]
+    if len(leaves) == 1:
+        return ["output"]
+    names = []
+    for i, (keypath, _) in enumerate(leaves):
+        parts = []
+        for k in keypath:
+            key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", i)))
+            parts.append(re.sub(r"\W+", "_", str(key)).strip("_"))
+        names.append("_".join(["output", *parts]) if parts else f"output_{i}")
+    return names
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        if n in seen:
+            seen[n] += 1
+            n = f"{n}_{seen[n]}"
+        else:
+            seen[n] = 0
+        out.append(n)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.export + ONNX translation, with errors mapped back to the DLGN's fx nodes
+# --------------------------------------------------------------------------------------------------
+
+_EVAL_KEY = re.compile(r'File "(<eval_with_key>\.\d+)", line (\d+)')
+
+
+def _graph_files(dlgn: DLGN) -> dict[str, tuple[str, fx.GraphModule]]:
+    out = {}
+    for name in ("gating", "value"):
+        gm = getattr(dlgn, name)
+        out[type(gm).forward.__code__.co_filename] = (name, gm)
+    return out
+
+
+def _fx_node_at(files: dict[str, tuple[str, fx.GraphModule]], filename: str, lineno: int) -> str | None:
+    if filename not in files:
+        return None
+    graph_name, gm = files[filename]
+    m = re.match(r"\s*(\w+)\s*=", linecache.getline(filename, lineno))
+    node = next((n for n in gm.graph.nodes if m and n.name == m.group(1)), None)
+    if node is None:
+        return None
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_function" and hasattr(node.target, "_schema"):
+        target = str(node.target)
+    return (f"node '{node.name}' of the {graph_name} graph ({node.op} {target}, module "
+            f"'{node.meta.get('module_path', '') or '<root>'}')")
+
+
+def _locate_in_traceback(exc: BaseException, files: dict[str, tuple[str, fx.GraphModule]]) -> str | None:
+    found = None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for fs in traceback.extract_tb(exc.__traceback__):
+            found = _fx_node_at(files, fs.filename, fs.lineno) or found
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def _locate_in_stack_trace(stack_trace: str, files: dict[str, tuple[str, fx.GraphModule]]) -> str | None:
+    found = None
+    for filename, lineno in _EVAL_KEY.findall(stack_trace or ""):
+        found = _fx_node_at(files, filename, int(lineno)) or found
+    return found
+
+
+def _root_message(exc: BaseException) -> str:
+    """The innermost cause's message, first lines only (torch's messages carry long boilerplate)."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__
+    msgs = [f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}" for e in chain]
+    return " <- ".join(reversed(msgs[-3:])) if len(msgs) > 1 else msgs[0]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.onnx prints progress lines and warns about things we handle; keep stdout clean."""
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _export_part(module: _ExportModule, args: tuple, dynamic_shapes: tuple | None, input_names: list[str],
+                 output_names: list[str], opset: int | None, custom_translations: dict | None,
+                 files: dict[str, tuple[str, fx.GraphModule]], what: str):
+    """torch.export the module, then translate the ExportedProgram to an ONNX ModelProto."""
+    try:
+        with _quiet():
+            ep = torch.export.export(module, args, strict=False,
+                                    dynamic_shapes=None if dynamic_shapes is None else (dynamic_shapes,))
+    except Exception as exc:
+        text = str(exc)
+        where = _locate_in_traceback(exc, files)
+        if dynamic_shapes is not None and ("batch" in text and ("Constraints violated" in text
+                                                                or "specializ" in text or "specialis" in text)):
+            raise ExportError(
+                f"cannot export the {what} with a dynamic batch axis: the model's code specialises on the batch "
+                f"size{' at ' + where if where else ''} ({_root_message(exc)}). Export with dynamic_batch=False "
+                f"(the ONNX model then takes batches of exactly {args[0].shape[0]})") from exc
+        raise ExportError(
+            f"torch.export cannot capture the {what}"
+            + (f": it fails at {where}" if where else "") + f": {_root_message(exc)}. Ops that run Python "
+            f"on tensor data (numpy round trips, .item(), data-dependent branches) cannot be exported; a model "
+            f"converted with strict=False keeps such ops (see dlgn.report).") from exc
+    try:
+        with _quiet():
+            program = torch.onnx.export(ep, (), None, dynamo=True, input_names=input_names,
+                                        output_names=output_names, opset_version=opset,
+                                        custom_translation_table=custom_translations, optimize=True,
+                                        verbose=False)
+    except Exception as exc:
+        text = "\n".join(str(e) for e in _chain(exc))
+        m = re.search(r"Error when translating node %(\w+)", text)
+        node = next((n for n in ep.graph.nodes if m and n.name == m.group(1)), None)
+        where = _locate_in_stack_trace(node.meta.get("stack_trace", ""), files) if node is not None else None
+        op = str(node.target) if node is not None else None
+        m_op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)
+        if m_op:
+            op = f"{m_op.group(1)}.{m_op.group(2)}"
+        if op is not None:
+            raise ExportError(
+                f"no ONNX lowering for op {op}" + (f" at {where}" if where else "")
+                + f" in the {what}; a model converted with strict=False keeps ops that are not gates (see "
+                f"dlgn.report). Register a translation with export_onnx(..., custom_translations={{"
+                f"torch.ops.{op}: onnxscript_function}}) or replace the op. ({_root_message(exc)})") from exc
+        raise ExportError(f"ONNX translation of the {what} failed: {_root_message(exc)}") from exc
+    return ep, program.model_proto
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _batch_axes(ep: Any) -> list[int | None]:
+    """For each output of an ExportedProgram, the axis whose size is symbolic (the batch axis), if any."""
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    axes: list[int | None] = []
+    for arg in out_node.args[0]:
+        val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+        shape = getattr(val, "shape", ())
+        axes.append(next((i for i, s in enumerate(shape) if isinstance(s, torch.SymInt)), None))
+    return axes
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX model editing and files
+# --------------------------------------------------------------------------------------------------
+
+def _strip_outputs(model_proto: Any, names: set[str]) -> Any:
+    """A copy of ``model_proto`` without the graph outputs ``names`` and the nodes only they needed."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(model_proto)
+    graph = model.graph
+    keep = [o for o in graph.output if o.name not in names]
+    del graph.output[:]
+    graph.output.extend(keep)
+    needed = {o.name for o in graph.output}
+    live = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(node.input)
+            needed.update(_subgraph_inputs(node))
+    if len(live) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(reversed(live))
+    return model
+
+
+def _subgraph_inputs(node: Any) -> set[str]:
+    import onnx
+
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for n in g.node:
+                names.update(n.input)
+                names.update(_subgraph_inputs(n))
+    return names
+
+
+def _add_metadata(model_proto: Any, dlgn: DLGN, part: str) -> None:
+    from . import __version__
+
+    meta = {"relu2dlgn.version": __version__, "relu2dlgn.part": part, "relu2dlgn.mode": dlgn.mode,
+            "relu2dlgn.value_input": dlgn.value_input, "relu2dlgn.pool": dlgn.pool,
+            "relu2dlgn.gate_kinds": ",".join(s.kind for s in dlgn.sites)}
+    for k, v in meta.items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    model_proto.producer_name = "relu2dlgn"
+    model_proto.producer_version = __version__
+
+
+_TWO_GIB = 2**31 - 2**20
+
+
+def _save(model_proto: Any, path: str) -> None:
+    import onnx
+
+    big = model_proto.ByteSize() > _TWO_GIB if hasattr(model_proto, "ByteSize") else False
+    if big:
+        onnx.save_model(model_proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + ".data")
+    else:
+        onnx.save_model(model_proto, path)
+
+
+def _files_of(path: str) -> list[str]:
+    data = path + ".data"
+    return [data, path] if os.path.exists(data) else [path]
+
+
+def _describe(path: str, final_path: str) -> OnnxFile:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    ops: collections.Counter = collections.Counter()
+    for node in model.graph.node:
+        ops[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
+    for fn in model.functions:
+        for node in fn.node:
+            ops[node.op_type] += 1
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    size = sum(os.path.getsize(p) for p in _files_of(path))
+    initialisers = {i.name for i in model.graph.initializer}
+    return OnnxFile(final_path, size, opset, [i.name for i in model.graph.input if i.name not in initialisers],
+                    [o.name for o in model.graph.output], dict(ops))
+
+
+class _Staging:
+    """A temporary directory next to the targets; files are written and verified there, then each is moved
+    into place with ``os.replace`` (atomic on one filesystem). On error nothing reaches the targets."""
+
+    def __init__(self, targets: list[str]):
+        self.targets = [os.path.abspath(t) for t in targets]
+        parent = os.path.dirname(self.targets[0])
+        for t in self.targets:
+            if os.path.isdir(t):
+                raise ExportError(f"cannot write '{t}': it is a directory")
+        if not os.path.isdir(parent):
+            raise ExportError(f"cannot write '{self.targets[0]}': directory '{parent}' does not exist")
+        try:
+            self.dir = tempfile.mkdtemp(prefix=f".{os.path.basename(self.targets[0])}.tmp-", dir=parent)
+        except OSError as exc:
+            raise ExportError(f"cannot write '{self.targets[0]}': {exc.strerror or exc} (nothing was written)") \
+                from exc
+
+    def path(self, target: str) -> str:
+        return os.path.join(self.dir, os.path.basename(target))
+
+    def scratch(self, name: str) -> str:
+        d = os.path.join(self.dir, "scratch")
+        os.makedirs(d, exist_ok=True)
+        return os.path.join(d, name)
+
+    def commit(self) -> None:
+        for target in self.targets:
+            staged = self.path(target)
+            for src in _files_of(staged):  # external data first, so the model never points at a missing file
+                os.replace(src, os.path.join(os.path.dirname(target), os.path.basename(src)))
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def split_paths(path: str | os.PathLike) -> tuple[str, str]:
+    """The two files of ``export_onnx(..., split=True)``: ``X.gating.onnx`` and ``X.value.onnx`` for ``path``
+    ``X.onnx`` (or ``X``)."""
+    path = os.fspath(path)
+    stem = path[:-5] if path.endswith(".onnx") else path
+    return f"{stem}.gating.onnx", f"{stem}.value.onnx"
+
+
+# --------------------------------------------------------------------------------------------------
+# verification
+# --------------------------------------------------------------------------------------------------
+
+def _fresh_batch(examples: Sequence[torch.Tensor], batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """New inputs with ``batch`` rows: Gaussian with each example's mean and std (floating point), or the
+    example's rows cycled (integer inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for ex in examples:
+        if ex.is_floating_point():
+            std = ex.float().std().item() if ex.numel() > 1 else 1.0
+            x = torch.randn((batch, *ex.shape[1:]), generator=g) * (std if std > 0 else 1.0) + ex.float().mean()
+            out.append(x.to(ex.dtype))
+        else:
+            idx = torch.arange(batch) % ex.shape[0]
+            out.append(ex[idx].clone())
+    return tuple(out)
+
+
+def _session(path: str):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path, opts, providers=[_PROVIDER])
+
+
+def _run_onnx(session: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run an onnxruntime session (a seam for tests)."""
+    return session.run(None, feeds)
+
+
+def _feeds_for(session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feeds.items() if k in names}
+
+
+def _tie_gaps(spec: Any, q: torch.Tensor, g_ref: torch.Tensor, g_onnx: torch.Tensor) -> tuple[int, float]:
+    """Number of gates that differ, and the largest 'distance from a tie' among them, relative to max|q|."""
+    scale = q.abs().max().item() if q.numel() else 0.0
+    scale = scale if scale > 0 else 1.0
+    if spec.kind == "maxpool":
+        flat = q.flatten(2)
+        n_pos = flat.shape[2]
+        i_ref, i_onnx = g_ref.flatten(2), g_onnx.flatten(2)
+        if (i_onnx < 0).any() or (i_onnx >= n_pos).any():
+            return int((i_ref != i_onnx).sum()), math.inf
+        diff = i_ref != i_onnx
+        gap = (flat.gather(2, i_ref) - flat.gather(2, i_onnx)).abs()
+    elif spec.kind == "hardtanh":
+        diff = g_ref != g_onnx
+        gap = torch.stack([(q - spec.lo).abs(), (q - spec.hi).abs()])
+    else:
+        diff = g_ref != g_onnx
+        gap = q.abs()
+    flipped = int(diff.sum())
+    worst = gap[diff].max().item() / scale if flipped else 0.0
+    return flipped, worst
+
+
+def _verify(dlgn: DLGN, sessions: list[Any], split: bool, input_names: list[str], num_outputs: int,
+            examples: tuple[torch.Tensor, ...], batch: int, seed: int, rtol: float, gate_tol: float,
+            final_session: Any | None) -> Verification:
+    """Compare onnxruntime with PyTorch on a fresh batch: gates (flips only at ties) and the value network
+    (onnxruntime's output against PyTorch's value network fed onnxruntime's gates)."""
+    xs = _fresh_batch(examples, batch, seed)
+    feeds = {n: x.numpy() for n, x in zip(input_names, xs)}
+    problems: list[str] = []
+    if split:
+        gating, value = sessions
+        g_np = _run_onnx(gating, _feeds_for(gating, feeds))
+        names = [i.name for i in gating.get_outputs()]
+        outs = _run_onnx(value, _feeds_for(value, {**feeds, **dict(zip(names, g_np))}))
+    else:
+        res = _run_onnx(sessions[0], _feeds_for(sessions[0], feeds))
+        outs, g_np = res[:num_outputs], res[num_outputs:]
+        if final_session is not None:  # the written file has no gate outputs: check it computes the same
+            final = _run_onnx(final_session, _feeds_for(final_session, feeds))
+            for i, (a, b) in enumerate(zip(final, outs)):
+                if a.shape != b.shape or not np.array_equal(a, b):
+                    problems.append(f"output {i} of the written file differs from the same graph with gate "
+                                    f"outputs (max |diff| {np.abs(a - b).max() if a.shape == b.shape else 'shape'})")
+    with torch.no_grad():
+        qs = tuple(dlgn.gating(*(x.clone() for x in xs)))
+        g_ref = [make_gate(s.spec, q, dlgn.beta, True) for s, q in zip(dlgn.sites, qs)]
+        ref = pytree.tree_leaves(dlgn.value(*dlgn.value_inputs(*(x.clone() for x in xs)), *g_ref))
+        g_onnx = [torch.from_numpy(np.ascontiguousarray(g)) for g in g_np]
+        sites = []
+        gates_usable = len(g_onnx) == len(g_ref)
+        if not gates_usable:
+            problems.append(f"onnxruntime gives {len(g_onnx)} gates, PyTorch {len(g_ref)}")
+        for site, q, gr, go in zip(dlgn.sites, qs, g_ref, g_onnx):
+            where = f"gate {site.index} ({site.kind} at '{site.module_path or '<root>'}')"
+            if go.shape != gr.shape or go.dtype != gr.dtype:
+                problems.append(f"{where}: onnxruntime gives {go.dtype} {tuple(go.shape)}, PyTorch {gr.dtype} "
+                                f"{tuple(gr.shape)}")
+                sites.append(SiteAgreement(site.index, site.kind, site.module_path, gr.numel(), gr.numel(), math.inf))
+                gates_usable = False
+                continue
+            flipped, worst = _tie_gaps(site.spec, q, gr, go)
+            sites.append(SiteAgreement(site.index, site.kind, site.module_path, gr.numel(), flipped, worst))
+            if worst > gate_tol:
+                problems.append(f"{where}: {flipped} of {gr.numel()} gates differ from PyTorch, some away from a "
+                                f"tie (gap {worst:.3g} of max|q| > {gate_tol:g}): the gating graph does not compute "
+                                f"PyTorch's pre-activations")
+                gates_usable = gates_usable and math.isfinite(worst)
+        cond = ref
+        if gates_usable:
+            cond = pytree.tree_leaves(dlgn.value(*dlgn.value_inputs(*(x.clone() for x in xs)), *g_onnx))
+    if len(outs) != len(ref):
+        problems.append(f"onnxruntime gives {len(outs)} outputs, PyTorch {len(ref)}")
+    scale = value_scale = max_abs = p99 = beyond = value_err = 0.0
+    errs = []
+    for i, (o, r, c) in enumerate(zip(outs, ref, cond)):
+        r, c = r.float().numpy(), c.float().numpy()
+        if o.shape != r.shape:
+            problems.append(f"output {i}: onnxruntime shape {o.shape}, PyTorch {r.shape}")
+            continue
+        o = o.astype(np.float32)
+        s = float(np.abs(r).max()) if r.size else 0.0
+        sc = float(np.abs(c).max()) if c.size else 0.0
+        e = np.abs(o - r)
+        ve = float(np.abs(o - c).max()) if o.size else 0.0
+        if not np.isfinite(o).all() and np.isfinite(c).all():
+            problems.append(f"output {i}: onnxruntime gives non-finite values")
+        if ve > rtol * sc or not np.isfinite(ve):
+            problems.append(f"output {i}: onnxruntime vs the PyTorch value network at the same gates: max |err| "
+                            f"{ve:.3g} > {rtol:g} * {sc:.3g}")
+        scale, value_scale, value_err = max(scale, s), max(value_scale, sc), max(value_err, ve)
+        errs.append((e, s))
+    if errs:
+        flat = np.concatenate([e.ravel() for e, _ in errs])
+        max_abs = float(flat.max()) if flat.size else 0.0
+        p99 = float(np.percentile(flat, 99)) if flat.size else 0.0
+        beyond = float(np.mean(np.concatenate([(e > rtol * s).ravel() for e, s in errs]))) if flat.size else 0.0
+    return Verification(batch=batch, provider=_PROVIDER, rtol=rtol, gate_tol=gate_tol, scale=scale,
+                        max_abs=max_abs, p99_abs=p99, beyond_tol=beyond, value_max_abs=value_err,
+                        value_scale=value_scale, sites=sites, problems=problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, t in flags.items():
+            m.training = t
+
+
+def export_onnx(
+    dlgn: DLGN,
+    path: str | os.PathLike,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    split: bool = False,
+    gates_output: bool = False,
+    verify: bool = True,
+    verify_batch: int | None = None,
+    rtol: float = DEFAULT_RTOL,
+    gate_tol: float = DEFAULT_GATE_TOL,
+    custom_translations: dict[Callable, Callable] | None = None,
+    seed: int = 0,
+) -> ExportReport:
+    """Export the eval-mode (hard-gate) DLGN or DGN to ONNX, verify it with onnxruntime, and report.
+
+    The ONNX graph maps the model's inputs to the source model's outputs (nested outputs are flattened
+    to ``output_0, output_1, ...``; a single one is ``output``), with the gating graph, the gates and the
+    value graph inside. The model is exported in eval mode whatever mode ``dlgn`` is in (its mode is left
+    as it was). Inputs keep the names of the source model's ``forward`` arguments.
+
+    Args:
+        dlgn: a converted model (:func:`relu2dlgn.convert` or :func:`relu2dlgn.load`).
+        path: the ``.onnx`` file to write. Models over 2 GiB store their weights in ``path + ".data"``.
+        example_inputs: input(s) to trace with. Only the batch axis is dynamic: every other dimension is
+            fixed to the example's (onnxruntime refuses other shapes), which is also how the shape
+            specialisations recorded at conversion (``dlgn.report.specialised``) carry over: they are
+            evaluated once, at the example's shape, during tracing. An example of batch 1 is tiled to 2
+            for tracing (torch.export specialises size-1 axes).
+        dynamic_batch: batch axis symbolic (``"batch"``); ``False`` fixes it to the example's.
+        opset: ONNX opset (default: the exporter's, currently 20).
+        split: write two files instead, ``X.gating.onnx`` (inputs -> ``gate_0 ... gate_{n-1}``) and
+            ``X.value.onnx`` (inputs, ``gate_0 ...`` -> outputs; it applies ``value_input`` itself, so with
+            ``"ones"`` it uses the inputs' shape only) for ``path`` = ``X.onnx``; see :func:`split_paths`.
+            Feeding the gating file's outputs to the value file computes what the fused file computes.
+        gates_output: also output the gates as ``gate_0 ... gate_{n-1}`` (fused file), exactly what
+            ``dlgn.eval().gates(x)`` returns: float 0/1 masks for ReLU/LeakyReLU/PReLU sites, a stacked
+            ``[2, N, ...]`` mask pair (``q > lo``, ``q > hi``) for ReLU6/Hardtanh, int64 per-plane arg-max
+            indices for max-pool sites.
+        verify: check the written model (see below); ``False`` skips the check.
+        verify_batch: batch size of the verification batch (default: the traced batch + 1; with
+            ``dynamic_batch=False`` it must be, and defaults to, the traced batch).
+        rtol: tolerance of the value-network check, relative to max |output|.
+        gate_tol: how close to a tie a gate that differs between backends must be, relative to max |q| of
+            its site.
+        custom_translations: passed to torch.onnx as ``custom_translation_table`` ({torch op: onnxscript
+            function}) for ops without a built-in ONNX lowering.
+        seed: seed of the verification batch.
+
+    Verification (``verify=True``): ``onnx.checker.check_model(full_check=True)`` on every file, then
+    onnxruntime (CPU) on a fresh random batch whose batch size differs from the traced one (so the batch
+    axis really is dynamic), compared with the PyTorch model in eval mode:
+
+    * **gates**: a gate is a discontinuous function of its pre-activation, so where ``q`` is within rounding
+      of a tie (0 for ReLU, lo/hi for Hardtanh, two equal elements of a max-pool window) the two backends
+      may legitimately pick different pieces, and one flipped gate can move the output by far more than
+      rounding. An output comparison (max or any quantile) can therefore neither pass every correct export
+      nor fail every wrong one. Instead every gate that differs must sit at a tie: its distance from the
+      tie in PyTorch's pre-activation (``|q|``, ``|q - lo|``, ``|q - hi|`` or the gap between the two
+      window elements) must be at most ``gate_tol * max|q|`` of its site. A gating graph that computes
+      something else flips gates away from ties and fails.
+    * **value network**: onnxruntime's output must equal PyTorch's value network *fed onnxruntime's gates*
+      to ``rtol * max|output|`` (max over all elements: with the gates fixed, the computation is
+      continuous, so the max is the right statistic).
+    * when the fused file has no gate outputs, a copy with gate outputs is what runs the checks above, and
+      the written file must reproduce its outputs bit for bit.
+
+    The report also shows the plain end-to-end error against ``dlgn(x)`` (max, 99th percentile, fraction of
+    elements beyond ``rtol * max|output|``) and how many gates flipped; these figures include tie flips and
+    are informative, not pass/fail criteria.
+
+    Files are written to a temporary directory next to ``path`` and moved into place only after
+    verification, with ``os.replace``: an error (including a failed verification) leaves no file at
+    ``path``, and an existing file there is replaced only by a verified one; an unwritable directory is
+    detected before exporting and writes nothing.
+
+    Returns:
+        an :class:`ExportReport` (``print(report)``: errors, op histogram, file sizes, opset, names).
+
+    Raises:
+        ExportError: the path cannot be written, torch.export or the ONNX translation fails (the message
+            names the DLGN's fx node and module, and the op without ONNX lowering), or verification fails
+            (the message has the figures).
+    """
+    start = time.perf_counter()
+    if not isinstance(dlgn, DLGN):
+        raise ExportError(f"export_onnx expects a relu2dlgn DLGN, got {type(dlgn).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    examples = tuple(example_inputs)
+    dlgn.check_inputs(examples)
+    if not all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in examples):
+        raise ExportError("example_inputs must be tensors with a leading batch axis")
+    ref = dlgn._reference_tensor()
+    if ref is not None and ref.device.type != "cpu":
+        raise ExportError(f"export_onnx needs the model on the CPU (it is on {ref.device}); call dlgn.cpu() and "
+                          f"pass CPU example inputs")
+    batch0 = examples[0].shape[0]
+    if dynamic_batch and batch0 == 1:
+        examples = tuple(torch.cat([x, x]) for x in examples)
+        batch0 = 2
+    if verify_batch is None:
+        verify_batch = batch0 + 1 if dynamic_batch else batch0
+    elif not dynamic_batch and verify_batch != batch0:
+        raise ExportError(f"with dynamic_batch=False the model takes batches of exactly {batch0}; "
+                          f"verify_batch={verify_batch} cannot run")
+
+    path = os.fspath(path)
+    targets = list(split_paths(path)) if split else [path]
+    stage = _Staging(targets)
+    try:
+        with _eval_mode(dlgn):
+            files = _graph_files(dlgn)
+            input_names = _unique([s.name for s in dlgn.input_specs])
+            gate_names = [f"gate_{i}" for i in range(len(dlgn.sites))]
+            with torch.no_grad():
+                example_gates = dlgn.gates(*examples)
+                example_out = dlgn.value(*dlgn.value_inputs(*examples), *example_gates)
+            output_names = _output_names(example_out)
+            batch = torch.export.Dim("batch") if dynamic_batch else None
+            in_shapes = tuple({0: batch} if batch is not None else None for _ in examples)
+
+            sessions_paths: list[str] = []
+            final_check: str | None = None
+            if split:
+                ep, gating_proto = _export_part(_ExportModule(dlgn, "gating"), examples, in_shapes if batch else None,
+                                                input_names, gate_names, opset, custom_translations, files,
+                                                "gating graph")
+                gate_shapes = tuple({a: batch} if (batch is not None and a is not None) else None
+                                    for a in _batch_axes(ep))
+                _, value_proto = _export_part(_ExportModule(dlgn, "value"), examples + tuple(example_gates),
+                                              (in_shapes + gate_shapes) if batch else None,
+                                              input_names + gate_names, output_names, opset, custom_translations,
+                                              files, "value graph")
+                for proto, target, part in ((gating_proto, targets[0], "gating"), (value_proto, targets[1], "value")):
+                    _add_metadata(proto, dlgn, part)
+                    _save(proto, stage.path(target))
+                    sessions_paths.append(stage.path(target))
+            else:
+                _, proto = _export_part(_ExportModule(dlgn, "fused", gates_output=True), examples,
+                                        in_shapes if batch else None, input_names, output_names + gate_names,
+                                        opset, custom_translations, files, "DLGN")
+                _add_metadata(proto, dlgn, "fused")
+                if gates_output:
+                    _save(proto, stage.path(path))
+                    sessions_paths.append(stage.path(path))
+                else:
+                    _save(_strip_outputs(proto, set(gate_names)), stage.path(path))
+                    if verify:
+                        full = stage.scratch("with_gates.onnx")
+                        _save(proto, full)
+                        sessions_paths.append(full)
+                        final_check = stage.path(path)
+                del proto
+
+            verification = None
+            if verify:
+                import onnx
+
+                for target in targets:
+                    try:
+                        onnx.checker.check_model(stage.path(target), full_check=True)
+                    except Exception as exc:
+                        raise ExportError(f"onnx.checker rejects the exported {os.path.basename(target)}: "
+                                          f"{_root_message(exc)}") from exc
+                try:
+                    sessions = [_session(p) for p in sessions_paths]
+                    final_session = _session(final_check) if final_check else None
+                except Exception as exc:
+                    raise ExportError(f"onnxruntime cannot load the exported model: {_root_message(exc)}") from exc
+                try:
+                    verification = _verify(dlgn, sessions, split, input_names, len(output_names), examples,
+                                           verify_batch, seed, rtol, gate_tol, final_session)
+                except ExportError:
+                    raise
+                except Exception as exc:
+                    raise ExportError(f"onnxruntime failed on a batch of {verify_batch} "
+                                      f"({'dynamic' if dynamic_batch else 'static'} batch axis): "
+                                      f"{_root_message(exc)}") from exc
+                del sessions, final_session
+                if not verification.ok:
+                    raise ExportError(f"the exported ONNX model does not reproduce the PyTorch model; nothing "
+                                      f"was written to {', '.join(targets)}:\n{verification}")
+            described = [_describe(stage.path(t), t) for t in targets]
+        stage.commit()
+    finally:
+        stage.cleanup()
+    return ExportReport(files=described, mode=dlgn.mode, value_input=dlgn.value_input, pool=dlgn.pool,
+                        num_sites=len(dlgn.sites), dynamic_batch=dynamic_batch,
+                        example_shapes=[tuple(x.shape) for x in examples], gates_output=gates_output and not split,
+                        split=split, exporter=EXPORTER, seconds=time.perf_counter() - start,
+                        verification=verification)
+
+
+# --------------------------------------------------------------------------------------------------
+# command line: relu2dlgn export SAVED_DIR --out FILE.onnx
+# --------------------------------------------------------------------------------------------------
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-size must look like 3,224,224, got {text!r}") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"--input-size must be positive sizes like 3,224,224, got {text!r}")
+    return dims
+
+
+def add_export_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``relu2dlgn export`` on an ``add_subparsers()`` object."""
+    p = sub.add_parser("export", help="export a saved DLGN to ONNX (verified with onnxruntime)",
+                       description="Export a model saved with dlgn.save(DIR) to ONNX, verify it with onnxruntime "
+                                   "and print the report.")
+    p.add_argument("saved_dir", help="directory written by dlgn.save()")
+    p.add_argument("--out", required=True, help="the .onnx file (with --split: X.gating.onnx and X.value.onnx)")
+    p.add_argument("--split", action="store_true", help="write a gating file and a value file")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--gates-output", action="store_true", help="also output the gates (gate_0, gate_1, ...)")
+    p.add_argument("--input-size", type=_shape, default=None,
+                   help="C,H,W of the example input (default: the example shape saved with the model)")
+    p.add_argument("--batch", type=int, default=2, help="batch size to trace with (default 2)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch axis to --batch")
+    p.add_argument("--no-verify", action="store_true", help="skip onnx.checker and the onnxruntime comparison")
+    p.set_defaults(func=cmd_export)
+    return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``relu2dlgn export``: load, export, verify, print the report."""
+    from .serialize import load
+
+    dlgn = load(args.saved_dir)
+    specs = dlgn.input_specs
+    if args.input_size is not None:
+        if len(specs) != 1:
+            raise ExportError(f"--input-size gives one input's shape but the model takes {len(specs)} inputs")
+        shapes = [tuple(args.input_size)]
+    else:
+        missing = [s.name for s in specs if not s.example_shape]
+        if missing:
+            raise ExportError(f"{args.saved_dir} records no example shape for input(s) {', '.join(missing)}; "
+                              f"pass --input-size C,H,W")
+        shapes = [tuple(s.example_shape[1:]) for s in specs]
+    if args.batch < 1:
+        raise ExportError(f"--batch must be at least 1, got {args.batch}")
+    ref = dlgn._reference_tensor()
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    g = torch.Generator().manual_seed(0)
+    examples = tuple(torch.randn((args.batch, *s), generator=g, dtype=dtype) for s in shapes)
+    report = export_onnx(dlgn, args.out, examples, dynamic_batch=not args.static_batch, opset=args.opset,
+                         split=args.split, gates_output=args.gates_output, verify=not args.no_verify)
+    print(report)
+    return 0

@@ -1,0 +1,36 @@
+"""Named regression tests for bugs that the generated-architecture properties (test_generated.py) found."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import relu2dlgn
+from _generated import GenNet, Plan
+
+
+def test_inplace_gate_on_the_input_does_not_corrupt_the_value_input():
+    """Found by hypothesis: an in-place activation applied to the model's input. The DGN gating graph ran it
+    first and mutated the caller's tensor, so the value graph saw an already-activated input (rel. error 3%).
+    The gating graph now clones inputs that its in-place ops could mutate."""
+    plan = Plan(in_chans=1, size=6, steps=[("stash",), ("gate", "leaky", "module_inplace"), ("head", 2)], planted=1)
+    model = GenNet(plan).eval()
+    x = torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        ref = model(x.clone())
+        dgn = relu2dlgn.convert(model, mode="dgn").eval()
+        x_in = x.clone()
+        dgn.gates(x_in)
+        assert torch.equal(x_in, x)                      # the gating network leaves the input alone
+        assert torch.allclose(dgn(x.clone()), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_inplace_relu_on_input_module():
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(1, 2, 1), nn.ReLU()).eval()
+    x = torch.randn(2, 1, 4, 4)
+    with torch.no_grad():
+        ref = model(x.clone())
+        for mode in ("dgn", "dlgn"):
+            d = relu2dlgn.convert(model, mode=mode).eval()
+            out = d(x.clone())
+            if mode == "dgn":
+                assert torch.equal(out, ref)
