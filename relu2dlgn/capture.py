@@ -69,6 +69,7 @@ class Captured:
     guards: list[Guard] = field(default_factory=list)
     hidden: list[tuple[str, str]] = field(default_factory=list)
     concrete: bool = False
+    train_differs: str | None = None
 
 
 class _NeedsConcrete(Exception):
@@ -380,7 +381,9 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     root = model.eval()  # the caller restores each module's training flag
     examples = tuple(example_inputs) if example_inputs is not None else None
     try:
-        return _trace(root, leaf_modules, examples, concrete=False)
+        cap = _trace(root, leaf_modules, examples, concrete=False)
+        cap.train_differs = _train_graph_difference(root, leaf_modules, cap.graph)
+        return cap
     except _NeedsConcrete as need:
         if examples is None:
             examples = default_example_inputs(root)
@@ -392,6 +395,28 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
                 f"{need.where}); pass example_inputs=(an input tensor,) to relu2dlgn.convert"
             ) from None
         return _trace(root, leaf_modules, examples, concrete=True)
+
+
+def _train_graph_difference(root: nn.Module, leaf_modules: tuple, eval_graph: fx.Graph) -> str | None:
+    """Module path where the train-mode trace first differs from the eval-mode one (``None`` if identical).
+
+    Forwards that branch on ``self.training`` (auxiliary heads, dropout written as Python branches) give
+    different graphs; the converted model follows the eval-mode graph, so this is reported."""
+    root.train()
+    try:
+        train_graph = CaptureTracer(leaf_modules).trace(root)
+    except Exception:
+        return "<root> (the model cannot be traced in train mode)"
+    finally:
+        root.eval()
+    a = [(n.op, str(n.target), n.meta.get("module_path", "")) for n in eval_graph.nodes]
+    b = [(n.op, str(n.target), n.meta.get("module_path", "")) for n in train_graph.nodes]
+    if a == b:
+        return None
+    for x, y in zip(a, b):
+        if x != y:
+            return y[2] or x[2] or "<root>"
+    return (b[len(a)][2] if len(b) > len(a) else a[len(b)][2]) or "<root>"
 
 
 def _trace(root: nn.Module, leaf_modules: tuple, examples: tuple | None, concrete: bool) -> Captured:

@@ -101,7 +101,8 @@ def convert(
                               specialised=[f"{g.module_path or '<root>'}: {g.where} == {g.expected!r}"
                                            for g in cap.guards],
                               pool_standins=[f"{c.op} at {n.meta.get('module_path', '') or '<root>'}"
-                                             for n, c in standins])
+                                             for n, c in standins],
+                              train_differs=cap.train_differs)
     dlgn = DLGN(gating, value, records, mode=mode, value_input=value_input, beta=beta, pool=report.pool,
                 report=report, input_specs=_input_specs(cap, model))
     dlgn.train(model.training)

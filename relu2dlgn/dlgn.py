@@ -48,6 +48,7 @@ class ConversionReport:
     hidden: list[tuple[str, str]] = field(default_factory=list)
     specialised: list[str] = field(default_factory=list)
     pool_standins: list[str] = field(default_factory=list)
+    train_differs: str | None = None
 
     def kind_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -60,13 +61,16 @@ class ConversionReport:
                 "source": self.source, "num_sites": len(self.sites), "kinds": self.kind_counts(),
                 "nonlinear_kept": [str(n) for n in self.nonlinear_kept],
                 "hidden": [f"{p}: {r}" for p, r in self.hidden], "specialised": self.specialised,
-                "pool_standins": self.pool_standins}
+                "pool_standins": self.pool_standins, "train_differs": self.train_differs}
 
     def __str__(self) -> str:
         lines = [f"relu2dlgn conversion of {self.source}: mode={self.mode} value_input={self.value_input} "
                  f"pool={self.pool} strict={self.strict}",
                  f"{len(self.sites)} gate sites: " + ", ".join(f"{k}={v}" for k, v in self.kind_counts().items())]
         lines.append(site_table(self.sites))
+        if self.train_differs:
+            lines.append(f"note: the source's forward differs between train() and eval() from module "
+                         f"'{self.train_differs}' on; the converted graphs follow eval() in both modes")
         for title, items in (("kept nonlinearities (not gates)", [str(n) for n in self.nonlinear_kept]),
                              ("opaque leaf modules hiding activations", [f"{p}: {r}" for p, r in self.hidden]),
                              ("max-pools replaced by average pooling in both graphs", self.pool_standins),

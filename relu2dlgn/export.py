@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import io
 import linecache
 import math
@@ -148,6 +149,7 @@ class ExportReport:
     exporter: str
     seconds: float
     verification: Verification | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def path(self) -> str:
@@ -172,7 +174,9 @@ class ExportReport:
 
     def __str__(self) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in self.example_shapes)
-        lines = [f"relu2dlgn ONNX export ({self.exporter}, {self.seconds:.1f} s): mode={self.mode} "
+        steps = ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items())
+        lines = [f"relu2dlgn ONNX export ({self.exporter}, {self.seconds:.1f} s{': ' + steps if steps else ''}): "
+                 f"mode={self.mode} "
                  f"value_input={self.value_input} pool={self.pool}, {self.num_sites} gate sites, "
                  f"traced at {shapes}, batch axis {'dynamic' if self.dynamic_batch else 'static'}"]
         for f in self.files:
@@ -346,9 +350,10 @@ def _quiet() -> Iterator[None]:
 
 
 def _export_part(module: _ExportModule, args: tuple, dynamic_shapes: tuple | None, input_names: list[str],
-                 output_names: list[str], opset: int | None, custom_translations: dict | None,
-                 files: dict[str, tuple[str, fx.GraphModule]], what: str):
+                 output_names: list[str], *, what: str, opset: int | None, custom_translations: dict | None,
+                 files: dict[str, tuple[str, fx.GraphModule]], timings: dict[str, float]) -> tuple[Any, Any]:
     """torch.export the module, then translate the ExportedProgram to an ONNX ModelProto."""
+    tick = time.perf_counter()
     try:
         with _quiet():
             ep = torch.export.export(module, args, strict=False,
@@ -367,6 +372,8 @@ def _export_part(module: _ExportModule, args: tuple, dynamic_shapes: tuple | Non
             + (f": it fails at {where}" if where else "") + f": {_root_message(exc)}. Ops that run Python "
             f"on tensor data (numpy round trips, .item(), data-dependent branches) cannot be exported; a model "
             f"converted with strict=False keeps such ops (see dlgn.report).") from exc
+    timings["torch.export"] = timings.get("torch.export", 0.0) + time.perf_counter() - tick
+    tick = time.perf_counter()
     try:
         with _quiet():
             program = torch.onnx.export(ep, (), None, dynamo=True, input_names=input_names,
@@ -389,7 +396,9 @@ def _export_part(module: _ExportModule, args: tuple, dynamic_shapes: tuple | Non
                 f"dlgn.report). Register a translation with export_onnx(..., custom_translations={{"
                 f"torch.ops.{op}: onnxscript_function}}) or replace the op. ({_root_message(exc)})") from exc
         raise ExportError(f"ONNX translation of the {what} failed: {_root_message(exc)}") from exc
-    return ep, program.model_proto
+    proto = program.model_proto
+    timings["onnx"] = timings.get("onnx", 0.0) + time.perf_counter() - tick
+    return ep, proto
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:
@@ -415,13 +424,9 @@ def _batch_axes(ep: Any) -> list[int | None]:
 # ONNX model editing and files
 # --------------------------------------------------------------------------------------------------
 
-def _strip_outputs(model_proto: Any, names: set[str]) -> Any:
-    """A copy of ``model_proto`` without the graph outputs ``names`` and the nodes only they needed."""
-    import onnx
-
-    model = onnx.ModelProto()
-    model.CopyFrom(model_proto)
-    graph = model.graph
+def _strip_outputs(model_proto: Any, names: set[str]) -> None:
+    """Remove the graph outputs ``names`` and the nodes only they needed (in place)."""
+    graph = model_proto.graph
     keep = [o for o in graph.output if o.name not in names]
     del graph.output[:]
     graph.output.extend(keep)
@@ -435,7 +440,6 @@ def _strip_outputs(model_proto: Any, names: set[str]) -> Any:
     if len(live) != len(graph.node):
         del graph.node[:]
         graph.node.extend(reversed(live))
-    return model
 
 
 def _subgraph_inputs(node: Any) -> set[str]:
@@ -470,8 +474,7 @@ _TWO_GIB = 2**31 - 2**20
 def _save(model_proto: Any, path: str) -> None:
     import onnx
 
-    big = model_proto.ByteSize() > _TWO_GIB if hasattr(model_proto, "ByteSize") else False
-    if big:
+    if model_proto.ByteSize() > _TWO_GIB:
         onnx.save_model(model_proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=os.path.basename(path) + ".data")
     else:
@@ -483,10 +486,7 @@ def _files_of(path: str) -> list[str]:
     return [data, path] if os.path.exists(data) else [path]
 
 
-def _describe(path: str, final_path: str) -> OnnxFile:
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
+def _describe(model: Any, staged: str, final_path: str) -> OnnxFile:
     ops: collections.Counter = collections.Counter()
     for node in model.graph.node:
         ops[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
@@ -494,10 +494,18 @@ def _describe(path: str, final_path: str) -> OnnxFile:
         for node in fn.node:
             ops[node.op_type] += 1
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    size = sum(os.path.getsize(p) for p in _files_of(path))
+    size = sum(os.path.getsize(p) for p in _files_of(staged))
     initialisers = {i.name for i in model.graph.initializer}
     return OnnxFile(final_path, size, opset, [i.name for i in model.graph.input if i.name not in initialisers],
                     [o.name for o in model.graph.output], dict(ops))
+
+
+def _runnable(model: Any, scratch: str) -> str | bytes:
+    """What onnxruntime can load ``model`` from: its bytes, or (over 2 GiB) a scratch file."""
+    if model.ByteSize() > _TWO_GIB:
+        _save(model, scratch)
+        return scratch
+    return model.SerializeToString()
 
 
 class _Staging:
@@ -811,6 +819,7 @@ def export_onnx(
 
     path = os.fspath(path)
     targets = list(split_paths(path)) if split else [path]
+    timings: dict[str, float] = {}
     stage = _Staging(targets)
     try:
         with _eval_mode(dlgn):
@@ -822,70 +831,51 @@ def export_onnx(
                 example_out = dlgn.value(*dlgn.value_inputs(*examples), *example_gates)
             output_names = _output_names(example_out)
             batch = torch.export.Dim("batch") if dynamic_batch else None
-            in_shapes = tuple({0: batch} if batch is not None else None for _ in examples)
+            in_shapes = tuple({0: batch} for _ in examples) if batch is not None else None
+            export = functools.partial(_export_part, opset=opset, custom_translations=custom_translations,
+                                       files=files, timings=timings)
 
-            sessions_paths: list[str] = []
+            # (target, proto) to write; the models onnxruntime runs for verification (file path or bytes)
+            written: list[tuple[str, Any]] = []
+            checked: list[str | bytes] = []
             final_check: str | None = None
             if split:
-                ep, gating_proto = _export_part(_ExportModule(dlgn, "gating"), examples, in_shapes if batch else None,
-                                                input_names, gate_names, opset, custom_translations, files,
-                                                "gating graph")
-                gate_shapes = tuple({a: batch} if (batch is not None and a is not None) else None
-                                    for a in _batch_axes(ep))
-                _, value_proto = _export_part(_ExportModule(dlgn, "value"), examples + tuple(example_gates),
-                                              (in_shapes + gate_shapes) if batch else None,
-                                              input_names + gate_names, output_names, opset, custom_translations,
-                                              files, "value graph")
-                for proto, target, part in ((gating_proto, targets[0], "gating"), (value_proto, targets[1], "value")):
-                    _add_metadata(proto, dlgn, part)
-                    _save(proto, stage.path(target))
-                    sessions_paths.append(stage.path(target))
+                ep, gating = export(_ExportModule(dlgn, "gating"), examples, in_shapes, input_names, gate_names,
+                                    what="gating graph")
+                gate_shapes = tuple({a: batch} if a is not None else None for a in _batch_axes(ep))
+                _, value = export(_ExportModule(dlgn, "value"), examples + tuple(example_gates),
+                                  in_shapes + gate_shapes if batch is not None else None,
+                                  input_names + gate_names, output_names, what="value graph")
+                written = [(targets[0], gating), (targets[1], value)]
+                checked = [stage.path(t) for t in targets]
+                parts = ["gating", "value"]
             else:
-                _, proto = _export_part(_ExportModule(dlgn, "fused", gates_output=True), examples,
-                                        in_shapes if batch else None, input_names, output_names + gate_names,
-                                        opset, custom_translations, files, "DLGN")
-                _add_metadata(proto, dlgn, "fused")
+                _, fused = export(_ExportModule(dlgn, "fused", gates_output=True), examples, in_shapes,
+                                  input_names, output_names + gate_names, what="DLGN")
+                written = [(path, fused)]
+                parts = ["fused"]
                 if gates_output:
-                    _save(proto, stage.path(path))
-                    sessions_paths.append(stage.path(path))
-                else:
-                    _save(_strip_outputs(proto, set(gate_names)), stage.path(path))
-                    if verify:
-                        full = stage.scratch("with_gates.onnx")
-                        _save(proto, full)
-                        sessions_paths.append(full)
-                        final_check = stage.path(path)
-                del proto
+                    checked = [stage.path(path)]
+                elif verify:
+                    _add_metadata(fused, dlgn, "fused")
+                    checked = [_runnable(fused, stage.scratch("with_gates.onnx"))]
+                    final_check = stage.path(path)
+                if not gates_output:
+                    _strip_outputs(fused, set(gate_names))
+            tick = time.perf_counter()
+            for (target, proto), part in zip(written, parts):
+                if not len(proto.metadata_props):
+                    _add_metadata(proto, dlgn, part)
+                _save(proto, stage.path(target))
+            described = [_describe(proto, stage.path(t), t) for t, proto in written]
+            del written, proto
+            timings["write"] = time.perf_counter() - tick
 
             verification = None
             if verify:
-                import onnx
-
-                for target in targets:
-                    try:
-                        onnx.checker.check_model(stage.path(target), full_check=True)
-                    except Exception as exc:
-                        raise ExportError(f"onnx.checker rejects the exported {os.path.basename(target)}: "
-                                          f"{_root_message(exc)}") from exc
-                try:
-                    sessions = [_session(p) for p in sessions_paths]
-                    final_session = _session(final_check) if final_check else None
-                except Exception as exc:
-                    raise ExportError(f"onnxruntime cannot load the exported model: {_root_message(exc)}") from exc
-                try:
-                    verification = _verify(dlgn, sessions, split, input_names, len(output_names), examples,
-                                           verify_batch, seed, rtol, gate_tol, final_session)
-                except ExportError:
-                    raise
-                except Exception as exc:
-                    raise ExportError(f"onnxruntime failed on a batch of {verify_batch} "
-                                      f"({'dynamic' if dynamic_batch else 'static'} batch axis): "
-                                      f"{_root_message(exc)}") from exc
-                del sessions, final_session
-                if not verification.ok:
-                    raise ExportError(f"the exported ONNX model does not reproduce the PyTorch model; nothing "
-                                      f"was written to {', '.join(targets)}:\n{verification}")
-            described = [_describe(stage.path(t), t) for t in targets]
+                verification = _check_and_verify(dlgn, targets, stage, checked, final_check, split, input_names,
+                                                 len(output_names), examples, verify_batch, seed, rtol, gate_tol,
+                                                 dynamic_batch, timings)
         stage.commit()
     finally:
         stage.cleanup()
@@ -893,7 +883,40 @@ def export_onnx(
                         num_sites=len(dlgn.sites), dynamic_batch=dynamic_batch,
                         example_shapes=[tuple(x.shape) for x in examples], gates_output=gates_output and not split,
                         split=split, exporter=EXPORTER, seconds=time.perf_counter() - start,
-                        verification=verification)
+                        verification=verification, timings=timings)
+
+
+def _check_and_verify(dlgn: DLGN, targets: list[str], stage: _Staging, checked: list[str | bytes],
+                      final_check: str | None, split: bool, input_names: list[str], num_outputs: int,
+                      examples: tuple[torch.Tensor, ...], batch: int, seed: int, rtol: float, gate_tol: float,
+                      dynamic_batch: bool, timings: dict[str, float]) -> Verification:
+    import onnx
+
+    tick = time.perf_counter()
+    for target in targets:
+        try:
+            onnx.checker.check_model(stage.path(target), full_check=True)
+        except Exception as exc:
+            raise ExportError(f"onnx.checker rejects the exported {os.path.basename(target)}: "
+                              f"{_root_message(exc)}") from exc
+    timings["check"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    try:
+        sessions = [_session(p) for p in checked]
+        final_session = _session(final_check) if final_check else None
+    except Exception as exc:
+        raise ExportError(f"onnxruntime cannot load the exported model: {_root_message(exc)}") from exc
+    try:
+        verification = _verify(dlgn, sessions, split, input_names, num_outputs, examples, batch, seed, rtol,
+                               gate_tol, final_session)
+    except Exception as exc:
+        raise ExportError(f"onnxruntime failed on a batch of {batch} ({'dynamic' if dynamic_batch else 'static'} "
+                          f"batch axis): {_root_message(exc)}") from exc
+    timings["verify"] = time.perf_counter() - tick
+    if not verification.ok:
+        raise ExportError(f"the exported ONNX model does not reproduce the PyTorch model; nothing was written to "
+                          f"{', '.join(targets)}:\n{verification}")
+    return verification
 
 
 # --------------------------------------------------------------------------------------------------

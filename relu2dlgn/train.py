@@ -726,6 +726,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self._checked_inputs = False
+        self._checked_pairs = False
 
     # -- setup ------------------------------------------------------------------------------------------
     def _pick_device(self) -> torch.device:
@@ -799,6 +800,7 @@ class Trainer:
             loss = (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
             parts["kd"] = kd.detach()
         if t_qs is not None and self.pairs:
+            self._check_pairs(qs, t_qs)
             terms = [site_gate_terms(self.dlgn._specs[i], qs[i], t_qs[j], self.dlgn.beta, loss=self.use_gate_loss)
                      for i, j in self.pairs]
             parts["agree"] = torch.stack([a for _, a, _ in terms])
@@ -808,6 +810,17 @@ class Trainer:
                 loss = loss + cfg.gate_weight * g
                 parts["gate"] = g.detach()
         return loss, parts
+
+    def _check_pairs(self, qs: Sequence[torch.Tensor], t_qs: Sequence[torch.Tensor]) -> None:
+        if self._checked_pairs:
+            return
+        for i, j in self.pairs:
+            if qs[i].shape != t_qs[j].shape:
+                s = self.dlgn.sites[i]
+                raise InputError(f"site {i} ({s.kind} '{s.node}' at {s.module_path or '<root>'}): the DLGN's "
+                                 f"pre-activation has shape {tuple(qs[i].shape)}, the teacher's "
+                                 f"{tuple(t_qs[j].shape)}; the teacher is not the model the DLGN was converted from")
+        self._checked_pairs = True
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training loader; returns the epoch's training metrics (reduced over processes)."""
@@ -909,6 +922,7 @@ class Trainer:
                 logits = _logits(out).float()
                 if self.teacher is not None and self.pairs:
                     _, t_qs = self.teacher(*inputs)
+                    self._check_pairs(qs, t_qs)
                     for k, (a, b) in enumerate(self.pairs):
                         _, c, tot = site_gate_terms(self.dlgn._specs[a], qs[a], t_qs[b], 1.0, loss=False)
                         agree[k] += c

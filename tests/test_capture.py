@@ -93,3 +93,12 @@ def test_concrete_retrace_example_defaults_and_requirement():
     assert [s.kind for s in d.sites] == ["relu", "maxpool"]
     with pytest.raises(relu2dlgn.ConversionError, match="needs concrete shapes.*example_inputs"):
         relu2dlgn.convert(_NoLayers())
+
+
+def test_train_eval_graph_difference_is_reported():
+    import torchvision
+    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    dlgn = relu2dlgn.convert(model, mode="dgn")
+    assert dlgn.report.train_differs == "AuxLogits"
+    assert "differs between train() and eval()" in str(dlgn.report)
+    assert relu2dlgn.convert(_Outer()).report.train_differs is None

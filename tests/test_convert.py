@@ -358,3 +358,13 @@ def test_error_bad_arguments():
         with torch.device("meta"):
             m = TinyNet()
         relu2dlgn.convert(m)
+
+
+def test_half_precision_model_converts_and_checks_input_dtype():
+    model = randomize_bn(AllForms()).eval().half()
+    x = torch.randn(2, 3, 16, 16).half()
+    dgn = relu2dlgn.convert(model, mode="dgn").eval()
+    with torch.no_grad():
+        assert rel_err(dgn(x)[0].float(), model(x)[0].float()) <= 2e-3       # slopes rounded to half
+        with pytest.raises(relu2dlgn.InputError, match=r"dtype torch\.float32 but the model's parameters are torch\.float16"):
+            dgn(x.float())
