@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated rows to run (distill,plain,scratch,...)")
     p.add_argument("--option", action="append", default=[], help="finetune option NAME=VALUE (all rows)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", default="benchmarks/results/accuracy_retention.json")
     args = p.parse_args(argv)
     options: dict[str, Any] = {}
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         k, v = o.split("=", 1)
         options[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" and v not in ("nan",) else v
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     data = load_data("digits", image_size=args.size)
     train_loader = make_loader(data.train, args.batch_size, train=True)

@@ -24,6 +24,7 @@ tensor **data** raise :class:`~relu2dlgn.errors.ConversionError`.
 from __future__ import annotations
 
 import linecache
+import operator
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -106,6 +107,20 @@ class _ProxyMixin:
 
     def __float__(self) -> float:
         return self.tracer._concrete(self, float, "float() of a traced value")
+
+
+def _inplace_operator(op: Callable) -> Callable:
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+# torch.fx proxies have no in-place operators, so Python turns `x += y` into `x = x + y`: the mutation of x
+# (seen by every alias of x) is lost. Record augmented assignments as the in-place operators they are.
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+              "ilshift", "irshift", "imatmul"):
+    setattr(_ProxyMixin, f"__{_name}__", _inplace_operator(getattr(operator, _name)))
 
 
 class _Proxy(_ProxyMixin, fx.Proxy):

@@ -94,7 +94,7 @@ class Verification:
     max_abs: float        # end to end: onnxruntime vs dlgn(x)
     p99_abs: float
     beyond_tol: float     # fraction of output elements with |err| > rtol * scale
-    value_max_abs: float  # onnxruntime output vs PyTorch value network fed onnxruntime's gates
+    value_max_abs: float | None  # onnxruntime output vs PyTorch's value network fed onnxruntime's gates
     value_scale: float
     sites: list[SiteAgreement] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -122,13 +122,18 @@ class Verification:
             + ("OK" if self.ok else "FAILED"),
             f"  output vs PyTorch          max |err| {rel(self.max_abs, self.scale)}, "
             f"p99 |err| {rel(self.p99_abs, self.scale)}, beyond {self.rtol:g}*max|y|: {self.beyond_tol:.3%}",
-            f"  value net at ORT's gates   max |err| {rel(self.value_max_abs, self.value_scale)} "
-            f"(limit {self.rtol:g} of max|y|)",
-            f"  gates                      {self.gates_flipped} of {self.gates_total} differ"
-            + (f", all at ties (worst gap {self.worst_tie:.2g} of max|q|, limit {self.gate_tol:g})"
-               if self.gates_flipped and self.worst_tie <= self.gate_tol else
-               f" (worst gap {self.worst_tie:.2g} of max|q|, limit {self.gate_tol:g})" if self.gates_flipped else ""),
         ]
+        if self.value_max_abs is not None:
+            lines.append(f"  value net at ORT's gates   max |err| {rel(self.value_max_abs, self.value_scale)} "
+                         f"(limit {self.rtol:g} of max|y|)")
+        if not self.sites:
+            lines.append("  gates                      not compared: the output is within tolerance")
+        else:
+            flips = f"  gates                      {self.gates_flipped} of {self.gates_total} differ"
+            if self.gates_flipped:
+                flips += (f", {'all' if self.worst_tie <= self.gate_tol else 'NOT all'} at ties (worst gap "
+                          f"{self.worst_tie:.2g} of max|q|, limit {self.gate_tol:g})")
+            lines.append(flips)
         lines += [f"  problem: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -331,13 +336,16 @@ def _locate_in_stack_trace(stack_trace: str, files: dict[str, tuple[str, fx.Grap
 
 
 def _root_message(exc: BaseException) -> str:
-    """The innermost cause's message, first lines only (torch's messages carry long boilerplate)."""
+    """The innermost two causes' first lines (torch's outer messages are long boilerplate)."""
     chain = []
     while exc is not None and exc not in chain:
         chain.append(exc)
         exc = exc.__cause__
-    msgs = [f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}" for e in chain]
-    return " <- ".join(reversed(msgs[-3:])) if len(msgs) > 1 else msgs[0]
+    msgs = []
+    for e in reversed(chain[-2:] if len(chain) > 1 else chain):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        msgs.append(f"{type(e).__name__}: {text.splitlines()[0].rstrip('.') if text else ''}")
+    return " <- ".join(msgs)
 
 
 @contextlib.contextmanager
@@ -424,22 +432,35 @@ def _batch_axes(ep: Any) -> list[int | None]:
 # ONNX model editing and files
 # --------------------------------------------------------------------------------------------------
 
-def _strip_outputs(model_proto: Any, names: set[str]) -> None:
-    """Remove the graph outputs ``names`` and the nodes only they needed (in place)."""
+def _strip_outputs(model_proto: Any, names: set[str]) -> Callable[[], None]:
+    """Remove the graph outputs ``names`` and the nodes only they needed, in place (the weights are not
+    copied). Returns a function that puts them back."""
+    import onnx
+
     graph = model_proto.graph
-    keep = [o for o in graph.output if o.name not in names]
+    saved_outputs = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in graph.output]
+    saved_nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node]
+    keep = [o for o in saved_outputs if o.name not in names]
     del graph.output[:]
     graph.output.extend(keep)
     needed = {o.name for o in graph.output}
     live = []
-    for node in reversed(graph.node):
+    for node in reversed(saved_nodes):
         if any(o in needed for o in node.output):
             live.append(node)
             needed.update(node.input)
             needed.update(_subgraph_inputs(node))
-    if len(live) != len(graph.node):
+    if len(live) != len(saved_nodes):
         del graph.node[:]
         graph.node.extend(reversed(live))
+
+    def restore() -> None:
+        del graph.output[:]
+        graph.output.extend(saved_outputs)
+        del graph.node[:]
+        graph.node.extend(saved_nodes)
+
+    return restore
 
 
 def _subgraph_inputs(node: Any) -> set[str]:
@@ -613,84 +634,93 @@ def _tie_gaps(spec: Any, q: torch.Tensor, g_ref: torch.Tensor, g_onnx: torch.Ten
     return flipped, worst
 
 
-def _verify(dlgn: DLGN, sessions: list[Any], split: bool, input_names: list[str], num_outputs: int,
-            examples: tuple[torch.Tensor, ...], batch: int, seed: int, rtol: float, gate_tol: float,
-            final_session: Any | None) -> Verification:
-    """Compare onnxruntime with PyTorch on a fresh batch: gates (flips only at ties) and the value network
-    (onnxruntime's output against PyTorch's value network fed onnxruntime's gates)."""
+def _output_errors(outs: list[np.ndarray], refs: list[torch.Tensor], rtol: float
+                   ) -> tuple[list[str], float, float, float, float]:
+    """Problems (shape, non-finite, max |err| > rtol * max|ref|) and max |err|, p99 |err|, fraction of elements
+    beyond the tolerance, max |ref| of onnxruntime's outputs against reference tensors."""
+    problems: list[str] = []
+    if len(outs) != len(refs):
+        problems.append(f"onnxruntime gives {len(outs)} outputs, PyTorch {len(refs)}")
+    errs, beyond, scale = [], [], 0.0
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        r = r.float().numpy()
+        if o.shape != r.shape:
+            problems.append(f"output {i}: onnxruntime shape {o.shape}, PyTorch {r.shape}")
+            continue
+        e = np.abs(o.astype(np.float32) - r)
+        s = float(np.abs(r).max()) if r.size else 0.0
+        worst = float(e.max()) if e.size else 0.0
+        if not np.isfinite(worst) or worst > rtol * s:
+            problems.append(f"output {i}: max |err| {worst:.3g} > {rtol:g} * max|y| ({s:.3g})")
+        errs.append(e.ravel())
+        beyond.append((e > rtol * s).ravel())
+        scale = max(scale, s)
+    flat = np.concatenate(errs) if errs else np.zeros(0)
+    if not flat.size:
+        return problems, 0.0, 0.0, 0.0, scale
+    return (problems, float(flat.max()), float(np.percentile(flat, 99)), float(np.concatenate(beyond).mean()),
+            scale)
+
+
+def _verify(dlgn: DLGN, run: Callable[[dict], tuple[list, list | None]],
+            run_with_gates: Callable[[dict], tuple[list, list]] | None, input_names: list[str],
+            examples: tuple[torch.Tensor, ...], batch: int, seed: int, rtol: float, gate_tol: float
+            ) -> Verification:
+    """Compare onnxruntime with PyTorch on a fresh batch (the criteria are in :func:`export_onnx`).
+
+    ``run(feeds)`` runs the written file(s): outputs, and the gates when the files expose them.
+    ``run_with_gates(feeds)`` runs the same graph with the gates as extra outputs; it is only needed (and
+    only called) when the written file hides its gates and its output is not within tolerance."""
     xs = _fresh_batch(examples, batch, seed)
     feeds = {n: x.numpy() for n, x in zip(input_names, xs)}
-    problems: list[str] = []
-    if split:
-        gating, value = sessions
-        g_np = _run_onnx(gating, _feeds_for(gating, feeds))
-        names = [i.name for i in gating.get_outputs()]
-        outs = _run_onnx(value, _feeds_for(value, {**feeds, **dict(zip(names, g_np))}))
-    else:
-        res = _run_onnx(sessions[0], _feeds_for(sessions[0], feeds))
-        outs, g_np = res[:num_outputs], res[num_outputs:]
-        if final_session is not None:  # the written file has no gate outputs: check it computes the same
-            final = _run_onnx(final_session, _feeds_for(final_session, feeds))
-            for i, (a, b) in enumerate(zip(final, outs)):
-                if a.shape != b.shape or not np.array_equal(a, b):
-                    problems.append(f"output {i} of the written file differs from the same graph with gate "
-                                    f"outputs (max |diff| {np.abs(a - b).max() if a.shape == b.shape else 'shape'})")
+    outs, g_np = run(feeds)
     with torch.no_grad():
         qs = tuple(dlgn.gating(*(x.clone() for x in xs)))
         g_ref = [make_gate(s.spec, q, dlgn.beta, True) for s, q in zip(dlgn.sites, qs)]
         ref = pytree.tree_leaves(dlgn.value(*dlgn.value_inputs(*(x.clone() for x in xs)), *g_ref))
-        g_onnx = [torch.from_numpy(np.ascontiguousarray(g)) for g in g_np]
-        sites = []
-        gates_usable = len(g_onnx) == len(g_ref)
-        if not gates_usable:
-            problems.append(f"onnxruntime gives {len(g_onnx)} gates, PyTorch {len(g_ref)}")
-        for site, q, gr, go in zip(dlgn.sites, qs, g_ref, g_onnx):
-            where = f"gate {site.index} ({site.kind} at '{site.module_path or '<root>'}')"
-            if go.shape != gr.shape or go.dtype != gr.dtype:
-                problems.append(f"{where}: onnxruntime gives {go.dtype} {tuple(go.shape)}, PyTorch {gr.dtype} "
-                                f"{tuple(gr.shape)}")
-                sites.append(SiteAgreement(site.index, site.kind, site.module_path, gr.numel(), gr.numel(), math.inf))
-                gates_usable = False
-                continue
-            flipped, worst = _tie_gaps(site.spec, q, gr, go)
-            sites.append(SiteAgreement(site.index, site.kind, site.module_path, gr.numel(), flipped, worst))
-            if worst > gate_tol:
-                problems.append(f"{where}: {flipped} of {gr.numel()} gates differ from PyTorch, some away from a "
-                                f"tie (gap {worst:.3g} of max|q| > {gate_tol:g}): the gating graph does not compute "
-                                f"PyTorch's pre-activations")
-                gates_usable = gates_usable and math.isfinite(worst)
-        cond = ref
-        if gates_usable:
-            cond = pytree.tree_leaves(dlgn.value(*dlgn.value_inputs(*(x.clone() for x in xs)), *g_onnx))
-    if len(outs) != len(ref):
-        problems.append(f"onnxruntime gives {len(outs)} outputs, PyTorch {len(ref)}")
-    scale = value_scale = max_abs = p99 = beyond = value_err = 0.0
-    errs = []
-    for i, (o, r, c) in enumerate(zip(outs, ref, cond)):
-        r, c = r.float().numpy(), c.float().numpy()
-        if o.shape != r.shape:
-            problems.append(f"output {i}: onnxruntime shape {o.shape}, PyTorch {r.shape}")
+    e2e_problems, max_abs, p99, beyond, scale = _output_errors(outs, ref, rtol)
+    figures = dict(batch=batch, provider=_PROVIDER, rtol=rtol, gate_tol=gate_tol, scale=scale, max_abs=max_abs,
+                   p99_abs=p99, beyond_tol=beyond)
+    problems: list[str] = []
+    if g_np is None:
+        if not e2e_problems or run_with_gates is None:
+            return Verification(**figures, value_max_abs=None, value_scale=scale, problems=e2e_problems)
+        outs_g, g_np = run_with_gates(feeds)
+        for i, (a, b) in enumerate(zip(outs, outs_g)):
+            if a.shape != b.shape or not np.array_equal(a, b):
+                problems.append(f"output {i} of the written file differs from the same graph with gate outputs")
+
+    g_onnx = [torch.from_numpy(np.ascontiguousarray(g)) for g in g_np]
+    sites = []
+    usable = len(g_onnx) == len(g_ref)
+    if not usable:
+        problems.append(f"onnxruntime gives {len(g_onnx)} gates, PyTorch {len(g_ref)}")
+    for site, q, gr, go in zip(dlgn.sites, qs, g_ref, g_onnx):
+        where = f"gate {site.index} ({site.kind} at '{site.module_path or '<root>'}')"
+        if go.shape != gr.shape or go.dtype != gr.dtype:
+            problems.append(f"{where}: onnxruntime gives {go.dtype} {tuple(go.shape)}, PyTorch {gr.dtype} "
+                            f"{tuple(gr.shape)}")
+            sites.append(SiteAgreement(site.index, site.kind, site.module_path, gr.numel(), gr.numel(), math.inf))
+            usable = False
             continue
-        o = o.astype(np.float32)
-        s = float(np.abs(r).max()) if r.size else 0.0
-        sc = float(np.abs(c).max()) if c.size else 0.0
-        e = np.abs(o - r)
-        ve = float(np.abs(o - c).max()) if o.size else 0.0
-        if not np.isfinite(o).all() and np.isfinite(c).all():
-            problems.append(f"output {i}: onnxruntime gives non-finite values")
-        if ve > rtol * sc or not np.isfinite(ve):
-            problems.append(f"output {i}: onnxruntime vs the PyTorch value network at the same gates: max |err| "
-                            f"{ve:.3g} > {rtol:g} * {sc:.3g}")
-        scale, value_scale, value_err = max(scale, s), max(value_scale, sc), max(value_err, ve)
-        errs.append((e, s))
-    if errs:
-        flat = np.concatenate([e.ravel() for e, _ in errs])
-        max_abs = float(flat.max()) if flat.size else 0.0
-        p99 = float(np.percentile(flat, 99)) if flat.size else 0.0
-        beyond = float(np.mean(np.concatenate([(e > rtol * s).ravel() for e, s in errs]))) if flat.size else 0.0
-    return Verification(batch=batch, provider=_PROVIDER, rtol=rtol, gate_tol=gate_tol, scale=scale,
-                        max_abs=max_abs, p99_abs=p99, beyond_tol=beyond, value_max_abs=value_err,
-                        value_scale=value_scale, sites=sites, problems=problems)
+        flipped, worst = _tie_gaps(site.spec, q, gr, go)
+        sites.append(SiteAgreement(site.index, site.kind, site.module_path, gr.numel(), flipped, worst))
+        if worst > gate_tol:
+            problems.append(f"{where}: {flipped} of {gr.numel()} gates differ from PyTorch, some away from a tie "
+                            f"(gap {worst:.3g} of max|q| > {gate_tol:g}): the gating graph does not compute "
+                            f"PyTorch's pre-activations")
+            usable = usable and math.isfinite(worst)
+    value_err = None
+    value_scale = scale
+    if usable:
+        with torch.no_grad():
+            cond = pytree.tree_leaves(dlgn.value(*dlgn.value_inputs(*(x.clone() for x in xs)), *g_onnx))
+        value_problems, value_err, _, _, value_scale = _output_errors(outs, cond, rtol)
+        problems += [f"{p} (against PyTorch's value network fed onnxruntime's gates)" for p in value_problems]
+    else:
+        problems += e2e_problems
+    return Verification(**figures, value_max_abs=value_err, value_scale=value_scale, sites=sites,
+                        problems=problems)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -835,10 +865,8 @@ def export_onnx(
             export = functools.partial(_export_part, opset=opset, custom_translations=custom_translations,
                                        files=files, timings=timings)
 
-            # (target, proto) to write; the models onnxruntime runs for verification (file path or bytes)
-            written: list[tuple[str, Any]] = []
-            checked: list[str | bytes] = []
-            final_check: str | None = None
+            written: list[tuple[str, Any]] = []  # (target, ModelProto)
+            hidden_gates = None
             if split:
                 ep, gating = export(_ExportModule(dlgn, "gating"), examples, in_shapes, input_names, gate_names,
                                     what="gating graph")
@@ -847,35 +875,31 @@ def export_onnx(
                                   in_shapes + gate_shapes if batch is not None else None,
                                   input_names + gate_names, output_names, what="value graph")
                 written = [(targets[0], gating), (targets[1], value)]
-                checked = [stage.path(t) for t in targets]
                 parts = ["gating", "value"]
             else:
                 _, fused = export(_ExportModule(dlgn, "fused", gates_output=True), examples, in_shapes,
                                   input_names, output_names + gate_names, what="DLGN")
                 written = [(path, fused)]
                 parts = ["fused"]
-                if gates_output:
-                    checked = [stage.path(path)]
-                elif verify:
-                    _add_metadata(fused, dlgn, "fused")
-                    checked = [_runnable(fused, stage.scratch("with_gates.onnx"))]
-                    final_check = stage.path(path)
                 if not gates_output:
-                    _strip_outputs(fused, set(gate_names))
+                    restore = _strip_outputs(fused, set(gate_names))
+
+                    def hidden_gates() -> str | bytes:
+                        restore()
+                        return _runnable(fused, stage.scratch("with_gates.onnx"))
             tick = time.perf_counter()
             for (target, proto), part in zip(written, parts):
-                if not len(proto.metadata_props):
-                    _add_metadata(proto, dlgn, part)
+                _add_metadata(proto, dlgn, part)
                 _save(proto, stage.path(target))
             described = [_describe(proto, stage.path(t), t) for t, proto in written]
-            del written, proto
             timings["write"] = time.perf_counter() - tick
 
             verification = None
             if verify:
-                verification = _check_and_verify(dlgn, targets, stage, checked, final_check, split, input_names,
+                verification = _check_and_verify(dlgn, targets, stage, hidden_gates, split, input_names,
                                                  len(output_names), examples, verify_batch, seed, rtol, gate_tol,
                                                  dynamic_batch, timings)
+            del written, hidden_gates
         stage.commit()
     finally:
         stage.cleanup()
@@ -886,10 +910,14 @@ def export_onnx(
                         verification=verification, timings=timings)
 
 
-def _check_and_verify(dlgn: DLGN, targets: list[str], stage: _Staging, checked: list[str | bytes],
-                      final_check: str | None, split: bool, input_names: list[str], num_outputs: int,
-                      examples: tuple[torch.Tensor, ...], batch: int, seed: int, rtol: float, gate_tol: float,
-                      dynamic_batch: bool, timings: dict[str, float]) -> Verification:
+def _check_and_verify(dlgn: DLGN, targets: list[str], stage: _Staging, hidden_gates: Any | None, split: bool,
+                      input_names: list[str], num_outputs: int, examples: tuple[torch.Tensor, ...], batch: int,
+                      seed: int, rtol: float, gate_tol: float, dynamic_batch: bool,
+                      timings: dict[str, float]) -> Verification:
+    """onnx.checker on the staged files, then :func:`_verify` with onnxruntime sessions on them.
+
+    ``hidden_gates``: for a fused file without gate outputs, a callable giving the same model with them
+    (loaded only if needed)."""
     import onnx
 
     tick = time.perf_counter()
@@ -901,14 +929,34 @@ def _check_and_verify(dlgn: DLGN, targets: list[str], stage: _Staging, checked: 
                               f"{_root_message(exc)}") from exc
     timings["check"] = time.perf_counter() - tick
     tick = time.perf_counter()
+
+    def load(source: str | bytes) -> Any:
+        try:
+            return _session(source)
+        except Exception as exc:
+            raise ExportError(f"onnxruntime cannot load the exported model: {_root_message(exc)}") from exc
+
+    sessions = [load(stage.path(t)) for t in targets]
+
+    def run(feeds: dict) -> tuple[list, list | None]:
+        if split:
+            gating, value = sessions
+            gates = _run_onnx(gating, _feeds_for(gating, feeds))
+            names = [o.name for o in gating.get_outputs()]
+            return _run_onnx(value, _feeds_for(value, {**feeds, **dict(zip(names, gates))})), gates
+        res = _run_onnx(sessions[0], _feeds_for(sessions[0], feeds))
+        return res[:num_outputs], (res[num_outputs:] if hidden_gates is None else None)
+
+    def run_with_gates(feeds: dict) -> tuple[list, list]:
+        session = load(hidden_gates())
+        res = _run_onnx(session, _feeds_for(session, feeds))
+        return res[:num_outputs], res[num_outputs:]
+
     try:
-        sessions = [_session(p) for p in checked]
-        final_session = _session(final_check) if final_check else None
-    except Exception as exc:
-        raise ExportError(f"onnxruntime cannot load the exported model: {_root_message(exc)}") from exc
-    try:
-        verification = _verify(dlgn, sessions, split, input_names, num_outputs, examples, batch, seed, rtol,
-                               gate_tol, final_session)
+        verification = _verify(dlgn, run, run_with_gates if hidden_gates is not None else None, input_names,
+                               examples, batch, seed, rtol, gate_tol)
+    except ExportError:
+        raise
     except Exception as exc:
         raise ExportError(f"onnxruntime failed on a batch of {batch} ({'dynamic' if dynamic_batch else 'static'} "
                           f"batch axis): {_root_message(exc)}") from exc

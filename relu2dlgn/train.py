@@ -531,14 +531,16 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> tupl
 # --------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def recalibrate_bn(dlgn: DLGN, loader: Iterable, batches: int, device: torch.device | str | None = None) -> int:
-    """Re-estimate every batch-norm's running statistics of ``dlgn`` (both networks) as the plain average over
+def recalibrate_bn(dlgn: DLGN, loader: Iterable, batches: int, device: torch.device | str | None = None,
+                   networks: Sequence[str] = ("gating", "value")) -> int:
+    """Re-estimate the batch-norm running statistics of ``networks`` of ``dlgn`` as the plain average over
     ``batches`` training batches, with hard gates — what evaluation uses. Weights are not changed.
 
     A fresh conversion keeps the source network's statistics, which the gating network (its activations
     removed) no longer produces. Returns the number of batches used.
     """
-    norms = [m for m in dlgn.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for net in networks for m in getattr(dlgn, net).modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or batches <= 0:
         return 0
     device = device or next(dlgn.parameters()).device
@@ -555,7 +557,10 @@ def recalibrate_bn(dlgn: DLGN, loader: Iterable, batches: int, device: torch.dev
             if used >= batches:
                 break
             inputs, _ = _split_batch(batch)
-            forward_with_preactivations(dlgn, [_to(x, device) for x in inputs], hard=True)
+            inputs = tuple(_to(x, device) for x in inputs)
+            if not used:
+                dlgn.check_inputs(inputs)
+            forward_with_preactivations(dlgn, inputs, hard=True)
             used += 1
     finally:
         for m, mom in zip(norms, momenta):
@@ -696,8 +701,6 @@ class Trainer:
                 teacher.to(memory_format=torch.channels_last)
             examples = tuple(_to(e, self.device) for e in example_inputs) if example_inputs is not None else None
             self.teacher = make_teacher(teacher, examples, teacher_leaf_modules).to(self.device).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
             self.pairs = match_sites(dlgn, self.teacher.site_nodes, self.teacher.site_kinds)
         self.use_kd = self.distill and cfg.kd_weight > 0
         self.use_gate_loss = self.distill and cfg.gate_weight > 0 and not cfg.freeze_gating
@@ -942,7 +945,7 @@ class Trainer:
         return rec
 
     def _bar(self, it: Iterable, desc: str, total: int | None, leave: bool = True) -> Any:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() on the loader an extra time
         return tqdm(it, desc=desc, total=total, leave=leave, dynamic_ncols=True,
                     disable=not (self.cfg.progress and self.main))
 
@@ -1031,8 +1034,9 @@ class Trainer:
                 _seed_all(cfg.seed + self.rank)
             if cfg.out_dir and self.main:
                 self._rewrite_metrics()  # a fresh run starts a fresh metrics file
-            if cfg.recalibrate_bn and not cfg.freeze_gating:
-                recalibrate_bn(self.dlgn, self.train_loader, cfg.recalibrate_bn, self.device)
+            unfrozen = [n for n, frozen in (("gating", cfg.freeze_gating), ("value", cfg.freeze_value)) if not frozen]
+            if cfg.recalibrate_bn:
+                recalibrate_bn(self.dlgn, self.train_loader, cfg.recalibrate_bn, self.device, unfrozen)
             if cfg.eval_before and self.val_loader is not None:
                 rec = {"epoch": 0, "step": 0, **self.evaluate(), "beta": self.dlgn.beta}
                 self._record(rec)
@@ -1059,7 +1063,7 @@ class Trainer:
         if self.main:
             self._append_metrics(rec)
             if self.cfg.verbose:
-                print(_format_record(rec), file=sys.stderr if self.cfg.progress else sys.stdout)
+                print(_format_record(rec), file=sys.stderr)
 
     def _result(self, elapsed: float) -> FinetuneResult:
         vals = [(r["val_acc"], r["epoch"]) for r in self.history if "val_acc" in r]

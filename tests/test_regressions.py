@@ -1,6 +1,8 @@
 """Named regression tests for bugs that the generated-architecture properties (test_generated.py) found."""
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -34,3 +36,20 @@ def test_inplace_relu_on_input_module():
             out = d(x.clone())
             if mode == "dgn":
                 assert torch.equal(out, ref)
+
+
+def test_augmented_assignment_on_an_alias_stays_in_place():
+    """Found by hypothesis: `x += s` where `s` aliases `x`. torch.fx proxies have no __iadd__, so plain
+    symbolic tracing records `x + s` and the alias never sees the update (rel. error 6%). The tracer now
+    records operator.iadd."""
+    plan = Plan(in_chans=1, size=6, steps=[("conv", 2, 1, 1), ("conv", 2, 1, 1), ("stash",), ("iadd", 0), ("add", 0),
+                                          ("gate", "relu", "functional"), ("head", 2)], planted=1)
+    model = GenNet(plan).eval()
+    x = torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+        assert not torch.allclose(torch.fx.symbolic_trace(model)(x), ref)      # the torch.fx behaviour
+        for mode in ("dgn", "dlgn"):
+            d = relu2dlgn.convert(model, mode=mode).eval()
+            assert any(n.target is operator.iadd for n in d.value.graph.nodes)
+        assert torch.allclose(relu2dlgn.convert(model, mode="dgn").eval()(x), ref, rtol=1e-6, atol=1e-7)

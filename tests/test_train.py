@@ -24,6 +24,16 @@ from relu2dlgn.train import (FinetuneConfig, NonFiniteLossError, TeacherTap, Tra
 FAST = {"progress": False, "verbose": False}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds synchronisation, and on a busy machine
+    spinning OpenMP threads slow them down by an order of magnitude."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def digits():
     """A small slice of the real digits at 16x16: 192 training and 64 validation images."""
@@ -226,10 +236,11 @@ class Crash(Exception):
 
 
 class CrashingLoader:
-    """Wraps a loader; raises Crash at batch ``at`` of epoch ``epoch`` (1-based), like a killed job."""
+    """Wraps a loader; raises Crash at batch ``at`` of its ``iteration``-th pass, like a killed job. The first
+    pass is the batch-norm recalibration before epoch 1, so pass ``k + 1`` is epoch ``k``."""
 
-    def __init__(self, loader, epoch, at):
-        self.loader, self.epoch, self.at, self.epochs = loader, epoch, at, 0
+    def __init__(self, loader, iteration, at):
+        self.loader, self.epoch, self.at, self.epochs = loader, iteration, at, 0
         self.sampler = loader.sampler
 
     def __len__(self):
@@ -262,7 +273,7 @@ def test_resume_equals_uninterrupted(digits, tmp_path):
     run = relu2dlgn.convert(model)
     tl, vl = loaders()
     with pytest.raises(Crash):
-        finetune(run, CrashingLoader(tl, epoch=3, at=2), vl, teacher=model, out_dir=str(tmp_path / "b"), **opts)
+        finetune(run, CrashingLoader(tl, iteration=4, at=2), vl, teacher=model, out_dir=str(tmp_path / "b"), **opts)
     assert latest_checkpoint(str(tmp_path / "b")).endswith("epoch-0002")
     torch.manual_seed(1234)  # whatever the process did in between must not matter
     resumed = relu2dlgn.convert(model)
@@ -277,7 +288,7 @@ def test_resume_equals_uninterrupted(digits, tmp_path):
 
 
 class PoisonedLoader(CrashingLoader):
-    """Batch ``at`` of epoch ``epoch`` has a NaN pixel."""
+    """Batch ``at`` of pass ``iteration`` has a NaN pixel."""
 
     def __iter__(self):
         self.epochs += 1
@@ -295,7 +306,7 @@ def _digest(path):
 def test_nan_loss_stops_with_last_checkpoint_intact(digits, tmp_path):
     train, val = digits
     dlgn = relu2dlgn.convert(source_net())
-    loader = PoisonedLoader(make_loader(train, 32, train=True), epoch=2, at=3)
+    loader = PoisonedLoader(make_loader(train, 32, train=True), iteration=3, at=3)  # epoch 2
     out = str(tmp_path)
     digest = {}
 

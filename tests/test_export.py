@@ -1,0 +1,503 @@
+"""ONNX export: onnxruntime parity with the PyTorch DLGN (hard gates), split files, gate outputs, errors, CLI.
+
+References are independent of the exporter: the PyTorch model (``dlgn.eval()``, ``dlgn.gates``) and
+onnxruntime sessions opened here on the written files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import relu2dlgn
+from relu2dlgn import ExportError
+from relu2dlgn import export as export_mod
+from relu2dlgn.export import add_export_parser, export_onnx, split_paths
+
+from _models import TinyNet, build, input_size, randomize_bn, rel_err
+
+GATE_TIE = 1e-5  # a gate may differ between backends only where q is this close to a tie (relative to max|q|)
+
+
+# --------------------------------------------------------------------------------------------------
+# models and helpers
+# --------------------------------------------------------------------------------------------------
+
+class AllGates(nn.Module):
+    """Every gate kind: LeakyReLU, PReLU, ReLU6, Hardtanh, functional ReLU, a padded max-pool and a
+    ceil-mode max-pool; two outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.leaky = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1)
+        self.pool = nn.MaxPool2d(3, 2, padding=1)
+        self.c2, self.prelu = nn.Conv2d(8, 8, 3, padding=1), nn.PReLU(8)
+        self.c3, self.b3, self.relu6 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6()
+        self.c4, self.ht = nn.Conv2d(16, 16, 3, padding=1), nn.Hardtanh(-0.5, 0.5)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.pool(self.leaky(self.b1(self.c1(x))))
+        x = self.prelu(self.c2(x))
+        x = self.relu6(self.b3(self.c3(x)) * 3)
+        x = F.max_pool2d(x, 2, ceil_mode=True)
+        x = self.ht(self.c4(x))
+        feat = F.relu(x).mean((2, 3))
+        return self.fc(feat), feat
+
+
+def all_gates() -> nn.Module:
+    torch.manual_seed(0)
+    m = AllGates()
+    with torch.no_grad():
+        m.prelu.weight.copy_(torch.linspace(-0.5, 0.5, 8))
+    return randomize_bn(m).eval()
+
+
+def session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+
+
+def run(path, *xs: torch.Tensor, extra: dict | None = None) -> list[np.ndarray]:
+    s = session(path)
+    feeds = dict(zip([i.name for i in s.get_inputs()], [x.numpy() for x in xs]))
+    feeds.update(extra or {})
+    return s.run(None, feeds)
+
+
+def gate_flips(dlgn, xs, onnx_gates) -> int:
+    """Number of gates where onnxruntime differs from ``dlgn.gates`` (eval); asserts each such gate is a tie."""
+    dlgn.eval()
+    with torch.no_grad():
+        qs, ref = dlgn.pre_activations(*xs), dlgn.gates(*xs)
+    assert len(onnx_gates) == len(ref) == len(dlgn.sites)
+    flips = 0
+    for site, q, r, o in zip(dlgn.sites, qs, ref, onnx_gates):
+        o = torch.from_numpy(o)
+        assert o.dtype == r.dtype and o.shape == r.shape, (site, o.dtype, o.shape, r.dtype, r.shape)
+        diff = o != r
+        if not diff.any():
+            continue
+        scale = q.abs().max()
+        if site.kind == "maxpool":
+            flat = q.flatten(2)
+            gap = (flat.gather(2, r.flatten(2)) - flat.gather(2, o.flatten(2))).abs().view(r.shape)
+        elif site.kind == "hardtanh":
+            lo, hi = site.params["lo"], site.params["hi"]
+            gap = torch.stack([(q - lo).abs(), (q - hi).abs()])
+        else:
+            gap = q.abs()
+        assert gap[diff].max() <= GATE_TIE * scale, f"gate {site.index} ({site.kind}) flipped away from a tie"
+        flips += int(diff.sum())
+    return flips
+
+
+def check_parity(dlgn, xs, outputs, gates) -> None:
+    """onnxruntime's outputs equal PyTorch's value network at onnxruntime's gates, and ``dlgn(x)`` when no gate
+    flipped; every flipped gate is a tie."""
+    flips = gate_flips(dlgn, xs, gates)
+    with torch.no_grad():
+        at_onnx_gates = dlgn.value(*dlgn.value_inputs(*xs), *[torch.from_numpy(g) for g in gates])
+        ref = dlgn(*xs)
+    at_onnx_gates = at_onnx_gates if isinstance(at_onnx_gates, tuple) else (at_onnx_gates,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    assert len(outputs) == len(ref)
+    for o, c, r in zip(outputs, at_onnx_gates, ref):
+        assert o.shape == tuple(r.shape)
+        assert rel_err(torch.from_numpy(o), c) < 1e-5
+        if flips == 0:
+            assert rel_err(torch.from_numpy(o), r) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# every gate kind, both modes, both value inputs, both pool policies
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,value_input,pool", [
+    ("dlgn", "input", "gate"), ("dlgn", "ones", "gate"), ("dlgn", "input", "avg"),
+    ("dgn", "input", "gate"), ("dgn", "ones", "gate"),
+])
+def test_every_gate_kind(tmp_path, mode, value_input, pool):
+    x = torch.randn(2, 3, 17, 17)
+    dlgn = relu2dlgn.convert(all_gates(), mode=mode, value_input=value_input, pool=pool, example_inputs=(x,))
+    kinds = {s.kind for s in dlgn.sites}
+    assert {"relu", "leaky_relu", "prelu", "hardtanh"} <= kinds
+    assert ("maxpool" in kinds) == (pool == "gate" or mode == "dgn")
+    path = tmp_path / "m.onnx"
+    report = export_onnx(dlgn, path, (x,), gates_output=True)
+
+    n = len(dlgn.sites)
+    model = onnx.load(path)
+    assert [o.name for o in model.graph.output] == ["output_0", "output_1"] + [f"gate_{i}" for i in range(n)]
+    assert report.files[0].outputs == [o.name for o in model.graph.output]
+    assert report.files[0].inputs == ["x"] and report.verification.ok
+    ops = report.files[0].ops
+    assert not {"Sigmoid", "Softmax", "Exp"} & set(ops)  # hard gates only
+    if mode == "dlgn":  # the gating network is linear: no activation op left anywhere
+        assert not {"Relu", "LeakyRelu", "PRelu", "Clip", "HardSigmoid"} & set(ops)
+    if "maxpool" in kinds:
+        assert ops.get("MaxPool") and ops.get("GatherElements")
+    else:
+        assert "MaxPool" not in ops and "GatherElements" not in ops
+
+    for batch in (3, 1):  # dynamic batch: neither is the traced batch
+        xb = torch.randn(batch, 3, 17, 17)
+        res = run(path, xb)
+        check_parity(dlgn, (xb,), res[:2], res[2:])
+        for site, g in zip(dlgn.sites, res[2:]):
+            if site.kind == "maxpool":
+                assert g.dtype == np.int64
+            else:
+                assert g.dtype == np.float32 and set(np.unique(g)) <= {0.0, 1.0}
+                if site.kind == "hardtanh":
+                    assert g.shape[:2] == (2, batch)
+
+
+def test_gates_output_equals_dlgn_gates(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(x,))
+    export_onnx(dlgn, tmp_path / "m.onnx", x, gates_output=True)
+    xb = torch.randn(5, 3, 16, 16)
+    res = run(tmp_path / "m.onnx", xb)
+    with torch.no_grad():
+        ref = dlgn.eval().gates(xb)
+    assert len(res) == 1 + len(ref)
+    for g, r in zip(res[1:], ref):
+        np.testing.assert_array_equal(g, r.numpy())
+
+
+# --------------------------------------------------------------------------------------------------
+# model zoo
+# --------------------------------------------------------------------------------------------------
+
+FAST = ["timm:resnet18", "tv:resnet18", "tv:mobilenet_v2"]
+SLOW = ["timm:resnet50", "timm:vgg16_bn", "timm:densenet121", "tv:inception_v3"]
+ZOO = [pytest.param(s, m, id=f"{s}-{m}") for s in FAST for m in ("dlgn", "dgn")] + \
+      [pytest.param(s, m, id=f"{s}-{m}", marks=pytest.mark.slow) for s in SLOW for m in ("dlgn", "dgn")]
+
+
+@pytest.mark.parametrize("spec,mode", ZOO)
+def test_zoo_parity(tmp_path, spec, mode):
+    size = input_size(spec)
+    x = torch.randn(2, 3, size, size)
+    dlgn = relu2dlgn.convert(build(spec), mode=mode, example_inputs=(x,))
+    path = tmp_path / "m.onnx"
+    report = export_onnx(dlgn, path, (x,), gates_output=True)
+    assert report.verification.ok and report.dynamic_batch
+    xb = torch.randn(3, 3, size, size)
+    res = run(path, xb)
+    check_parity(dlgn, (xb,), res[:1], res[1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# split files
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["tv:resnet18-dlgn", "allgates-dgn-ones"])
+def test_split_composes_to_fused(tmp_path, which):
+    if which.startswith("tv"):
+        x, model, kw = torch.randn(2, 3, 64, 64), build("tv:resnet18"), {"mode": "dlgn"}
+    else:
+        x, model, kw = torch.randn(2, 3, 17, 17), all_gates(), {"mode": "dgn", "value_input": "ones"}
+    dlgn = relu2dlgn.convert(model, example_inputs=(x,), **kw)
+    fused = export_onnx(dlgn, tmp_path / "m.onnx", (x,))
+    split = export_onnx(dlgn, tmp_path / "s.onnx", (x,), split=True)
+    gating_path, value_path = split_paths(tmp_path / "s.onnx")
+    assert gating_path.endswith("s.gating.onnx") and value_path.endswith("s.value.onnx")
+    assert split.paths == [os.path.abspath(gating_path), os.path.abspath(value_path)] or \
+        split.paths == [gating_path, value_path]
+    assert not (tmp_path / "s.onnx").exists() and os.path.exists(gating_path) and os.path.exists(value_path)
+    assert split.verification.ok and fused.verification.ok
+    assert split.files[1].inputs == ["x"] + [f"gate_{i}" for i in range(len(dlgn.sites))]
+
+    xb = torch.randn(3, *x.shape[1:])
+    gates = run(gating_path, xb)
+    composed = run(value_path, xb, extra={f"gate_{i}": g for i, g in enumerate(gates)})
+    out_fused = run(fused.path, xb)
+    assert len(composed) == len(out_fused)
+    for a, b in zip(composed, out_fused):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+    n_out = len(out_fused)
+    check_parity(dlgn, (xb,), composed[:n_out], gates)
+
+
+# --------------------------------------------------------------------------------------------------
+# batch axis, modes, shape specialisation
+# --------------------------------------------------------------------------------------------------
+
+def test_batch_one_example_and_static_batch(tmp_path):
+    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(torch.randn(1, 3, 16, 16),))
+    report = export_onnx(dlgn, tmp_path / "dyn.onnx", torch.randn(1, 3, 16, 16))
+    assert report.dynamic_batch and report.verification.batch != 1
+    for batch in (1, 4):
+        xb = torch.randn(batch, 3, 16, 16)
+        out = run(tmp_path / "dyn.onnx", xb)[0]
+        with torch.no_grad():
+            assert rel_err(torch.from_numpy(out), dlgn.eval()(xb)) < 1e-5
+
+    static = export_onnx(dlgn, tmp_path / "static.onnx", torch.randn(2, 3, 16, 16), dynamic_batch=False)
+    assert static.verification.batch == 2
+    dims = onnx.load(tmp_path / "static.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [2, 3, 16, 16]
+    with pytest.raises(Exception):
+        run(tmp_path / "static.onnx", torch.randn(3, 3, 16, 16))
+    with pytest.raises(ExportError, match="exactly 2"):
+        export_onnx(dlgn, tmp_path / "bad.onnx", torch.randn(2, 3, 16, 16), dynamic_batch=False, verify_batch=3)
+
+
+def test_exports_hard_gates_from_train_mode_and_restores_it(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(x,)).train()
+    export_onnx(dlgn, tmp_path / "m.onnx", x, gates_output=True)
+    assert dlgn.training and all(m.training for m in dlgn.modules())
+    res = run(tmp_path / "m.onnx", x)
+    with torch.no_grad():
+        hard = dlgn.eval().gates(x)
+    for g, r in zip(res[1:], hard):
+        np.testing.assert_array_equal(g, r.numpy())
+
+
+class Branchy(nn.Module):
+    """Branches on the input's spatial size: converted graphs carry a shape-specialisation guard."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        if y.shape[-1] < 12:
+            y = F.pad(y, (1, 1, 1, 1))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_shape_guards_are_specialised_at_the_example_shape(tmp_path):
+    x = torch.randn(2, 3, 10, 10)
+    dlgn = relu2dlgn.convert(Branchy().eval(), example_inputs=(x,))
+    assert dlgn.report.specialised
+    report = export_onnx(dlgn, tmp_path / "m.onnx", x)
+    assert report.verification.ok
+    xb = torch.randn(4, 3, 10, 10)
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(run(tmp_path / "m.onnx", xb)[0]), dlgn.eval()(xb)) < 1e-5
+    with pytest.raises(Exception):  # the spatial size is fixed, as the guard requires
+        run(tmp_path / "m.onnx", torch.randn(2, 3, 20, 20))
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+
+def test_report_contents(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(x,))
+    report = export_onnx(dlgn, tmp_path / "m.onnx", x)
+    text = str(report)
+    for needle in ("max |err|", "p99 |err|", "opset", "ops:", "inputs:  x", "outputs: output", "KiB",
+                   "GatherElements", "fresh batch of 3"):
+        assert needle in text, needle
+    f = report.files[0]
+    assert f.size == os.path.getsize(tmp_path / "m.onnx") and f.opset >= 18
+    assert f.ops == {k: v for k, v in _histogram(tmp_path / "m.onnx").items()}
+    assert report.max_abs_error is not None and report.p99_abs_error <= report.max_abs_error
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    assert meta["relu2dlgn.mode"] == "dlgn" and meta["relu2dlgn.part"] == "fused"
+    assert not [p for p in os.listdir(tmp_path) if p != "m.onnx"]  # no temporary left behind
+
+    assert export_onnx(dlgn, tmp_path / "o.onnx", x, opset=18).opset == 18
+
+
+def _histogram(path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for node in onnx.load(path).graph.node:
+        out[node.op_type] = out.get(node.op_type, 0) + 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------
+
+def test_unwritable_path_writes_nothing_and_fails_before_exporting(tmp_path, monkeypatch):
+    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(torch.randn(2, 3, 16, 16),))
+
+    def no_export(*a, **k):
+        raise AssertionError("exported although the path cannot be written")
+
+    monkeypatch.setattr(export_mod, "_export_part", no_export)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for bad in (tmp_path / "missing" / "m.onnx", blocker / "m.onnx", tmp_path):
+        with pytest.raises(ExportError, match="cannot write"):
+            export_onnx(dlgn, bad, torch.randn(2, 3, 16, 16))
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def _perturb_outputs(monkeypatch, factor: float):
+    real = export_mod._run_onnx
+
+    def perturbed(session, feeds):
+        res = real(session, feeds)
+        names = [o.name for o in session.get_outputs()]
+        return [r * factor if n.startswith("output") else r for r, n in zip(res, names)]
+
+    monkeypatch.setattr(export_mod, "_run_onnx", perturbed)
+
+
+@pytest.mark.parametrize("kw", [{}, {"gates_output": True}, {"split": True}])
+def test_parity_failure_raises_and_keeps_the_old_file(tmp_path, monkeypatch, kw):
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(x,))
+    target = tmp_path / "m.onnx"
+    targets = split_paths(target) if kw.get("split") else [target]
+    for t in targets:
+        with open(t, "w") as f:
+            f.write("previous model")
+    _perturb_outputs(monkeypatch, 1.01)
+    with pytest.raises(ExportError, match=r"(?s)does not reproduce.*max \|err\|.*problem: output 0"):
+        export_onnx(dlgn, target, x, **kw)
+    for t in targets:
+        assert open(t).read() == "previous model"
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(t) for t in targets)
+
+
+def _flip_one_gate(monkeypatch, dlgn, pick):
+    """Make onnxruntime's gate_0 differ from PyTorch at the element ``pick(|q|)`` of site 0."""
+    real = export_mod._run_onnx
+
+    def flipped(session, feeds):
+        res = real(session, feeds)
+        names = [o.name for o in session.get_outputs()]
+        if "gate_0" in names:
+            with torch.no_grad():
+                q = dlgn.gating(torch.from_numpy(feeds["x"]))[0]
+            g = res[names.index("gate_0")]
+            i = int(pick(q.abs().flatten()))
+            g.flat[i] = 1.0 - g.flat[i]
+        return res
+
+    monkeypatch.setattr(export_mod, "_run_onnx", flipped)
+
+
+def test_gate_flip_at_a_tie_is_accepted_and_reported(tmp_path, monkeypatch):
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(x,)).eval()
+    _flip_one_gate(monkeypatch, dlgn, torch.argmin)  # the pre-activation closest to 0
+    report = export_onnx(dlgn, tmp_path / "m.onnx", x, split=True)
+    v = report.verification
+    assert v.ok and v.gates_flipped == 1 and v.sites[0].flipped == 1 and v.worst_tie <= v.gate_tol
+    assert "1 of" in str(report) and "at ties" in str(report)
+
+
+def test_gate_flip_away_from_a_tie_fails(tmp_path, monkeypatch):
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(x,)).eval()
+    _flip_one_gate(monkeypatch, dlgn, torch.argmax)
+    with pytest.raises(ExportError, match=r"gate 0 \(relu at 'relu'\).*away from a tie"):
+        export_onnx(dlgn, tmp_path / "m.onnx", x, gates_output=True)
+    assert not os.listdir(tmp_path)
+
+
+@torch.library.custom_op("relu2dlgn_test::wobble", mutates_args=())
+def wobble(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@wobble.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.fx.wrap
+def numpy_round_trip(x):
+    return torch.from_numpy(x.detach().numpy() * 2)
+
+
+class Opaque(nn.Module):
+    """A gate followed by an op that torch.onnx cannot lower (``"custom"``) or torch.export cannot trace
+    (``"numpy"``); both are kept by a strict=False conversion."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.conv, self.kind = nn.Conv2d(3, 4, 3), kind
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        y = wobble(y) if self.kind == "custom" else numpy_round_trip(y)
+        return y.mean((2, 3))
+
+
+def test_op_without_onnx_lowering_is_named(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(Opaque("custom").eval(), example_inputs=(x,), strict=False)
+    with pytest.raises(ExportError, match=r"no ONNX lowering for op relu2dlgn_test\.wobble\.default at node "
+                                          r"'wobble_default' of the value graph") as info:
+        export_onnx(dlgn, tmp_path / "m.onnx", x)
+    assert "strict=False" in str(info.value) and "custom_translations" in str(info.value)
+    assert not os.listdir(tmp_path)
+
+
+def test_untraceable_python_is_named(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(Opaque("numpy").eval(), example_inputs=(x,), strict=False)
+    with pytest.raises(ExportError, match=r"torch\.export cannot capture the DLGN: it fails at node "
+                                          r"'numpy_round_trip' of the value graph"):
+        export_onnx(dlgn, tmp_path / "m.onnx", x)
+    assert not os.listdir(tmp_path)
+
+
+def test_custom_translation_makes_it_exportable(tmp_path):
+    from onnxscript import opset18 as op
+
+    def wobble_onnx(x):
+        return op.Add(x, x)
+
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(Opaque("custom").eval(), example_inputs=(x,), strict=False)
+    report = export_onnx(dlgn, tmp_path / "m.onnx", x,
+                         custom_translations={torch.ops.relu2dlgn_test.wobble.default: wobble_onnx})
+    assert report.verification.ok
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="relu2dlgn")
+    add_export_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_export(tmp_path, capsys):
+    saved = tmp_path / "saved"
+    relu2dlgn.convert(TinyNet().eval(), example_inputs=(torch.randn(1, 3, 16, 16),)).save(str(saved))
+    assert _cli(["export", str(saved), "--out", str(tmp_path / "m.onnx"), "--gates-output", "--opset", "18"]) == 0
+    out = capsys.readouterr().out
+    assert "m.onnx" in out and "verified with onnxruntime" in out and "gate_0" in out
+    assert onnx.load(tmp_path / "m.onnx").opset_import[0].version == 18
+
+    assert _cli(["export", str(saved), "--out", str(tmp_path / "s.onnx"), "--split", "--input-size", "3,20,20"]) == 0
+    g, v = split_paths(tmp_path / "s.onnx")
+    assert os.path.exists(g) and os.path.exists(v)
+    dims = onnx.load(g).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims][1:] == [3, 20, 20]
+
+
+def test_cli_needs_an_input_size_when_none_was_saved(tmp_path):
+    saved = tmp_path / "saved"
+    dlgn = relu2dlgn.convert(TinyNet().eval())
+    assert dlgn.input_specs[0].example_shape is None
+    dlgn.save(str(saved))
+    with pytest.raises(ExportError, match="--input-size"):
+        _cli(["export", str(saved), "--out", str(tmp_path / "m.onnx")])
+    assert _cli(["export", str(saved), "--out", str(tmp_path / "m.onnx"), "--input-size", "3,16,16"]) == 0
