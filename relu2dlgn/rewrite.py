@@ -101,14 +101,31 @@ def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
     return new, val_map
 
 
-def _standin(graph: fx.Graph, node: fx.Node, c: Classified) -> fx.Node:
+def _pool_args(c: Classified) -> tuple:
     p = c.params
+    return (p["ndim"], tuple(p["kernel_size"]), tuple(p["stride"]), tuple(p["padding"]), tuple(p["dilation"]),
+            p["ceil_mode"])
+
+
+def _standin(graph: fx.Graph, node: fx.Node, c: Classified) -> fx.Node:
     with graph.inserting_before(node):
-        new = graph.call_function(G.avg_pool_standin, (c.input, p["ndim"], tuple(p["kernel_size"]),
-                                                       tuple(p["stride"]), tuple(p["padding"]),
-                                                       tuple(p["dilation"]), p["ceil_mode"]))
+        new = graph.call_function(G.avg_pool_standin, (c.input, *_pool_args(c)))
     new.meta = dict(node.meta)
     return new
+
+
+def _replace(g: fx.Graph, val_map: dict[fx.Node, fx.Node], source_node: fx.Node, repl: fx.Node) -> None:
+    """Replace the copy of ``source_node`` by ``repl`` everywhere, and remember it for later look-ups."""
+    n = val_map[source_node]
+    n.replace_all_uses_with(repl)
+    g.erase_node(n)
+    val_map[source_node] = repl
+
+
+def _replace_standins(g: fx.Graph, val_map: dict[fx.Node, fx.Node],
+                      standins: list[tuple[fx.Node, Classified]]) -> None:
+    for node, c in standins:
+        _replace(g, val_map, node, _standin(g, val_map[node], _remap(c, val_map)))
 
 
 def _remap(c: Classified, val_map: dict[fx.Node, fx.Node]) -> Classified:
@@ -127,16 +144,8 @@ def build_gating(graph: fx.Graph, modules: dict[str, Any], sites: list[tuple[fx.
         cap.meta = {"module_path": n.meta.get("module_path", ""), "capture": True}
         captures.append(cap)
         if linear:
-            repl = _standin(g, n, c) if c.kind == "maxpool" else c.input
-            n.replace_all_uses_with(repl)
-            g.erase_node(n)
-            val_map[node] = repl
-    for node, c in standins:
-        n, c = val_map[node], _remap(c, val_map)
-        repl = _standin(g, n, c)
-        n.replace_all_uses_with(repl)
-        g.erase_node(n)
-        val_map[node] = repl
+            _replace(g, val_map, node, _standin(g, n, c) if c.kind == "maxpool" else c.input)
+    _replace_standins(g, val_map, standins)
     output = next(n for n in reversed(g.nodes) if n.op == "output")
     output.args = (tuple(captures),)
     _protect_inputs(g, modules)
@@ -255,22 +264,12 @@ def build_value(graph: fx.Graph, modules: dict[str, Any], sites: list[tuple[fx.N
                 fn = G.gate_hardtanh_ if c.inplace else G.gate_hardtanh
                 new = g.call_function(fn, (c.input, gate, c.params["lo"], c.params["hi"]))
             elif c.kind == "maxpool":
-                p = c.params
-                new = g.call_function(G.gate_maxpool, (c.input, gate, p["ndim"], tuple(p["kernel_size"]),
-                                                       tuple(p["stride"]), tuple(p["padding"]),
-                                                       tuple(p["dilation"]), p["ceil_mode"]))
+                new = g.call_function(G.gate_maxpool, (c.input, gate, *_pool_args(c)))
             else:  # pragma: no cover - classify_gate only returns the kinds above
                 raise AssertionError(c.kind)
         new.meta = dict(n.meta)
-        n.replace_all_uses_with(new)
-        g.erase_node(n)
-        val_map[node] = new
-    for node, c in standins:
-        n, c = val_map[node], _remap(c, val_map)
-        repl = _standin(g, n, c)
-        n.replace_all_uses_with(repl)
-        g.erase_node(n)
-        val_map[node] = repl
+        _replace(g, val_map, node, new)
+    _replace_standins(g, val_map, standins)
     return _graph_module(g, {**modules, **extra_modules}, "Value")
 
 
