@@ -6,12 +6,14 @@
 For each model: build it (random init, nothing downloaded), export the source model with torch.onnx (dynamic
 batch) and the DLGN with ``relu2dlgn.export_onnx`` (verified), open both with the same onnxruntime settings,
 and time them *interleaved* (source run, DLGN run, source run, ...) so that both see the same machine state;
-the ratio is median(DLGN) / median(source). A DLGN is two copies of the network (gating + value), so ~2x is
+the ratio is median(DLGN) / median(source); the ratio of the best (minimum) runs is printed too, as the
+figure least disturbed by other processes on a shared machine. A DLGN is two copies of the network (gating + value), so ~2x is
 the physical floor of this ratio on a compute-bound CPU.
 
-The converted DLGN's two copies start with identical weights, and the ONNX optimizer would then merge the
-first convolution of both (same weights, same input); after fine-tuning they differ, so this benchmark
-perturbs the value network's weights by 1% before exporting to time what a trained DLGN costs.
+The converted DLGN's two copies start with identical weights, and the ONNX optimizer may then merge
+identical computations of both (it deduplicates small identical weights, and then common subexpressions);
+after fine-tuning they differ, so this benchmark perturbs the value network's weights by 1% before exporting
+to time what a trained DLGN costs.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ def export_source(model: torch.nn.Module, x: torch.Tensor, path: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
-        torch.onnx.export(ep, (), path, dynamo=True, input_names=["x"], output_names=["output"], verbose=False)
+        torch.onnx.export(ep, (), path, dynamo=True, input_names=["x"], output_names=["output"], verbose=False,
+                          external_data=False)
 
 
 def session(path: str, threads: int) -> ort.InferenceSession:
@@ -76,14 +79,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed runs per batch size (one value, or one per --batches entry)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--mode", choices=("dlgn", "dgn"), default="dlgn")
+    p.add_argument("--pool", choices=("gate", "avg"), default="gate", help="DLGN max-pool policy")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--keep", default=None, help="directory to keep the .onnx files in (default: a temp dir)")
     args = p.parse_args(argv)
     repeats = args.repeats if len(args.repeats) == len(args.batches) else [args.repeats[0]] * len(args.batches)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; "
+    load = f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, {load}; "
           f"onnxruntime {ort.__version__} CPUExecutionProvider, intra-op threads "
-          f"{args.threads or 'default'}; torch {torch.__version__}; {args.size} px; mode {args.mode}")
+          f"{args.threads or 'default'}; torch {torch.__version__}; {args.size} px; mode {args.mode}, pool {args.pool}")
     rows = []
     workdir = args.keep or tempfile.mkdtemp(prefix="relu2dlgn-bench-")
     os.makedirs(workdir, exist_ok=True)
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         export_source(model, x, src_path)
         t_src = time.perf_counter() - t
-        dlgn = relu2dlgn.convert(model, mode=args.mode, example_inputs=(x,)).eval()
+        dlgn = relu2dlgn.convert(model, mode=args.mode, pool=args.pool, example_inputs=(x,)).eval()
         with torch.no_grad():
             g = torch.Generator().manual_seed(1)
             for prm in dlgn.value.parameters():
@@ -110,13 +115,18 @@ def main(argv: list[str] | None = None) -> int:
             xb = np.random.default_rng(0).standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
             ts, td = interleaved(src, dl, xb, reps, args.warmup)
             ms, md = statistics.median(ts) * 1e3, statistics.median(td) * 1e3
-            rows.append((spec, batch, reps, ms, md, md / ms, os.path.getsize(src_path), report.files[0].size))
-            print(f"  batch {batch}: source {ms:.1f} ms, {args.mode} {md:.1f} ms, ratio {md / ms:.2f}", flush=True)
+            rows.append((spec, batch, reps, ms, md, md / ms, min(td) / min(ts), os.path.getsize(src_path),
+                         report.files[0].size))
+            print(f"  batch {batch}: source {ms:.1f} ms, {args.mode} {md:.1f} ms (medians), ratio {md / ms:.2f}; "
+                  f"best runs {min(ts) * 1e3:.1f} / {min(td) * 1e3:.1f} ms, ratio {min(td) / min(ts):.2f}",
+                  flush=True)
         del src, dl
 
-    header = ("model", "batch", "runs", "source ms", f"{args.mode} ms", "ratio", "source MB", f"{args.mode} MB")
-    table = [header] + [(s, str(b), str(r), f"{ms:.1f}", f"{md:.1f}", f"{ratio:.2f}x", f"{ss / 1e6:.0f}",
-                         f"{ds / 1e6:.0f}") for s, b, r, ms, md, ratio, ss, ds in rows]
+    header = ("model", "batch", "runs", "source ms", f"{args.mode} ms", "ratio", "ratio of best runs",
+              "source MB", f"{args.mode} MB")
+    table = [header] + [(s, str(b), str(r), f"{ms:.1f}", f"{md:.1f}", f"{ratio:.2f}x", f"{best:.2f}x",
+                         f"{ss / 1e6:.0f}", f"{ds / 1e6:.0f}")
+                        for s, b, r, ms, md, ratio, best, ss, ds in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     print()
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")

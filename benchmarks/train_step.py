@@ -1,17 +1,18 @@
 """Training-step time of a DLGN relative to its source ReLU network, measured in the same run.
 
-A step is forward + cross-entropy + backward + AdamW update on one batch (batch-norm in training mode).
+A step is forward + cross-entropy + backward + AdamW update (fused kernels, as the Trainer uses) on one batch,
+batch-norm in training mode.
 Rows, each as time / source step time:
 
-* ``dlgn``           — the converted DLGN with soft gates (``sigmoid(beta q)``, soft max-pool gates);
+* ``dlgn``           — ``dlgn(x)`` in train mode: the core's soft gates (``sigmoid(beta q)``, soft max-pool);
 * ``dlgn pool=avg``  — converted with ``pool="avg"`` (the authors' choice: no max-pool gate);
 * ``dlgn + distill`` — plus the teacher forward (no grad), logit KD and the gate-agreement loss;
-* ``Trainer``        — the whole ``relu2dlgn.train.Trainer`` step (metrics, NaN guard, beta schedule) with
-  distillation, from its epoch time.
+* ``Trainer`` / ``Trainer (distill)`` — the whole ``relu2dlgn.train.Trainer`` step (soft gates, metrics, NaN guard, beta schedule; with distillation also the teacher, the losses
+  and the gate agreement), timed as an epoch of one batch.
 
 Source and DLGN steps are timed alternately, ``--repeats`` rounds of ``--steps`` steps, and the median round
 is reported, so load changes on a shared machine hit both alike.  CPU always; CUDA too when present (bf16
-autocast and channels_last there, as the Trainer does).  Target: ``dlgn`` <= 2.1x.
+autocast and channels_last there, as the Trainer does).  Target: the DLGN step <= 2.1x.
 
     python benchmarks/train_step.py
     python benchmarks/train_step.py --models timm:resnet18 --size 64 --batch 32
@@ -61,7 +62,7 @@ def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch
     teacher = TeacherTap(copy.deepcopy(model).eval()).eval()  # its own copy: the source trains meanwhile
     pairs = match_sites(dlgn, teacher.site_nodes, teacher.site_kinds)
     specs = [s.spec for s in dlgn.sites]
-    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (source, dlgn, dlgn_avg)}
+    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (source, dlgn, dlgn_avg)}
 
     def plain(m: nn.Module) -> Callable:
         opt = opts[id(m)]
@@ -88,19 +89,20 @@ def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch
         opt.step()
 
     source.train()
-    return {"source": plain(source), "dlgn": plain(dlgn), "dlgn pool=avg": plain(dlgn_avg), "dlgn + distill": distill}
+    return {"source": plain(source), "dlgn": plain(dlgn), "dlgn pool=avg": plain(dlgn_avg),
+            "dlgn + distill": distill}
 
 
-def trainer_step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, steps: int) -> float:
-    model = copy.deepcopy(model).eval()
-    dlgn = relu2dlgn.convert(model, example_inputs=x[:2])
-    batches = [(x, y)] * steps
+def trainer_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                 distill: bool) -> Callable:
+    """One Trainer epoch of one batch: the full step (metrics, NaN guard, beta schedule), with or without
+    distillation from the source network."""
+    teacher = copy.deepcopy(model).eval()
+    dlgn = relu2dlgn.convert(teacher, example_inputs=x[:2])
     cfg = FinetuneConfig(epochs=1, progress=False, verbose=False, recalibrate_bn=0, eval_before=False,
                          device=str(device))
-    trainer = Trainer(dlgn, batches, teacher=model, config=cfg)
-    trainer.train_epoch(1)  # warm-up
-    rec = trainer.train_epoch(1)
-    return rec["epoch_time"] / steps
+    trainer = Trainer(dlgn, [(x, y)], teacher=teacher if distill else None, config=cfg)
+    return lambda: trainer.train_epoch(1)
 
 
 def bench(spec: str, size: int, batch: int, device: torch.device, steps: int, repeats: int) -> dict[str, Any]:
@@ -113,6 +115,8 @@ def bench(spec: str, size: int, batch: int, device: torch.device, steps: int, re
         x = x.contiguous(memory_format=torch.channels_last)
         model = model.to(memory_format=torch.channels_last)
     fns = make_steps(model, x, y, device)
+    fns["Trainer"] = trainer_step(model, x, y, device, distill=False)
+    fns["Trainer (distill)"] = trainer_step(model, x, y, device, distill=True)
     for f in fns.values():  # warm-up
         for _ in range(2):
             f()
@@ -126,7 +130,6 @@ def bench(spec: str, size: int, batch: int, device: torch.device, steps: int, re
             _sync(device)
             times[name].append((time.perf_counter() - t) / steps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    med["Trainer (distill)"] = trainer_step_time(model, x, y, device, steps * 2)
     return {"model": spec, "size": size, "batch": batch, "device": str(device),
             "step_s": med, "ratio": {k: v / med["source"] for k, v in med.items()}}
 

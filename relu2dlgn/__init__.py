@@ -4,10 +4,12 @@ from .dlgn import DLGN, ConversionReport
 from .errors import ConversionError, ExportError, InputError, LoadError, Relu2DlgnError, SpecialisationError
 from .serialize import load
 from .sites import GateSite
+from .train import FinetuneConfig, FinetuneResult, NonFiniteLossError, Trainer, finetune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "convert", "load", "DLGN", "GateSite", "ConversionReport", "DEFAULT_BETA",
+    "finetune", "Trainer", "FinetuneConfig", "FinetuneResult", "NonFiniteLossError",
     "Relu2DlgnError", "ConversionError", "InputError", "SpecialisationError", "LoadError", "ExportError",
 ]

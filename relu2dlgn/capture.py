@@ -385,7 +385,10 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None,
             leaf_modules: Iterable[type | str] = ()) -> Captured:
-    """Trace ``model`` (in eval mode, on a copy) into a :class:`Captured` graph.
+    """Trace ``model`` into a :class:`Captured` graph, in eval mode.
+
+    ``model`` is put into eval mode in place (tracing must see the eval-mode forward) and is otherwise not
+    modified; the caller restores each module's training flag (:func:`relu2dlgn.convert` does).
 
     Raises :class:`ConversionError` naming the module path, the reason and the remedy when tracing fails.
     """

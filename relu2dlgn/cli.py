@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=_input_size, default=None, help="C,H,W of the example input")
     p.add_argument("--checkpoint", default=None, help="weights of the source model (.safetensors or .pt)")
     p.set_defaults(func=cmd_inspect)
+
+    from .train import add_finetune_parser
+    add_finetune_parser(sub)
     return parser
 
 

@@ -28,7 +28,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import traceback
@@ -247,16 +246,18 @@ class _ExportModule(nn.Module):
         return outputs
 
 
-# The exporter: torch.onnx's torch.export-based ("dynamo") exporter with onnxscript, fed an ExportedProgram
-# that we make ourselves with torch.export.export(strict=False). Why not the TorchScript exporter: it is
-# deprecated since torch 2.9 (DeprecationWarning on every call, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET 20) and
-# jit.trace records Python-level shape arithmetic as Shape/Gather/Concat chains, while torch.export proves
-# the batch axis symbolic (a model that bakes the batch size into its graph is refused, not silently
-# exported). Measured on this machine (2 cores) the dynamo route costs ~3 s for resnet18, ~6 s for
-# resnet50 and ~20 s for densenet121 (TorchScript: 1-7 s): affordable. We call torch.export ourselves
-# rather than let torch.onnx.export do it because torch.onnx falls back to other capture strategies when
-# torch.export fails (a numpy round trip then becomes a baked constant), and because the error then
-# carries a traceback that we map back to the DLGN's fx node.
+# The exporter: torch.onnx's torch.export-based ("dynamo") exporter with onnxscript, fed an ExportedProgram that
+# we make ourselves with torch.export.export(strict=False). Both exporters reproduce these graphs; we chose
+# this one because the TorchScript exporter is deprecated since torch 2.9 (a DeprecationWarning on every call,
+# opsets up to 20 only), jit.trace records one shape and re-derives the batch size through Shape/Gather/
+# Concat chains (21 Constant + 17 Shape/Gather/Unsqueeze/Concat nodes in a 3-conv test net, none with this
+# exporter, which also runs onnxscript's optimizer: constant folding, deduplication), whereas torch.export
+# proves the batch axis symbolic: a model that bakes in the batch size is refused instead of silently
+# exported. Its cost, measured on the 2-core dev VM (torch.export + translation + onnxscript's optimizer):
+# ~2.5 s resnet18, ~6 s resnet50, ~20 s densenet121, against ~6.5 s for TorchScript on the latter two:
+# affordable. We call torch.export ourselves rather than let torch.onnx.export do it because torch.onnx falls
+# back to other capture strategies when torch.export fails (a numpy round trip then becomes a baked-in
+# constant), and because the exception then carries a traceback we can map back to the DLGN's fx node.
 EXPORTER = "torch.export + torch.onnx (onnxscript)"
 
 
@@ -397,14 +398,16 @@ def _export_part(module: _ExportModule, args: tuple, dynamic_shapes: tuple | Non
         m_op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)
         if m_op:
             op = f"{m_op.group(1)}.{m_op.group(2)}"
-        if op is not None:
+        if m_op:
             raise ExportError(
                 f"no ONNX lowering for op {op}" + (f" at {where}" if where else "")
                 + f" in the {what}; a model converted with strict=False keeps ops that are not gates (see "
                 f"dlgn.report). Register a translation with export_onnx(..., custom_translations={{"
                 f"torch.ops.{op}: onnxscript_function}}) or replace the op. ({_root_message(exc)})") from exc
-        raise ExportError(f"ONNX translation of the {what} failed: {_root_message(exc)}") from exc
+        at = f" at op {op}" + (f", {where}" if where else "") if op else ""
+        raise ExportError(f"ONNX translation of the {what} failed{at}: {_root_message(exc)}") from exc
     proto = program.model_proto
+    _cheap_pool_offsets(proto)
     timings["onnx"] = timings.get("onnx", 0.0) + time.perf_counter() - tick
     return ep, proto
 
@@ -463,6 +466,101 @@ def _strip_outputs(model_proto: Any, names: set[str]) -> Callable[[], None]:
     return restore
 
 
+def _cheap_pool_offsets(model_proto: Any) -> int:
+    """Make max-pool gates cheaper: torchlib turns ONNX's MaxPool indices (flat over the whole tensor) into
+    PyTorch's per-plane ones by running a second MaxPool (kernel 1, with indices) over the whole input and
+    slicing out the offset of each plane. Replace that pass (a quarter to a third of a max-pool gate's time in
+    onnxruntime) by the offsets' arithmetic: ``(n * C + c) * prod(spatial)``. Returns how many were replaced."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model_proto.graph
+    opset = next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 18:
+        return 0
+    consumers: dict[str, list] = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    graph_outputs = {o.name for o in graph.output}
+
+    replaced = 0
+    new_nodes = []
+    dropped: set[str] = set()  # outputs of the Slice nodes replaced
+    orphans: set[str] = set()  # their constant inputs
+    for node in graph.node:
+        if node.op_type == "Slice" and node.output[0] in dropped:
+            continue
+        pattern = _offset_pattern(node, consumers, constants, graph_outputs)
+        if pattern is None:
+            new_nodes.append(onnx.NodeProto.FromString(node.SerializeToString()))
+            continue
+        slice_node, nd = pattern
+        x, delta, tag = node.input[0], slice_node.output[0], f"{slice_node.output[0]}__r2d"
+
+        def const(name: str, values: list[int], scalar: bool = False) -> Any:
+            array = np.array(values[0] if scalar else values, dtype=np.int64)
+            return helper.make_node("Constant", [], [f"{tag}_{name}"], value=numpy_helper.from_array(array))
+
+        new_nodes += [
+            const("zero", [0], scalar=True), const("one", [1], scalar=True), const("ones", [1] * nd),
+            helper.make_node("Shape", [x], [f"{tag}_nc"], start=0, end=2),
+            helper.make_node("Shape", [x], [f"{tag}_spatial"], start=2),
+            helper.make_node("ReduceProd", [f"{tag}_nc"], [f"{tag}_planes"], keepdims=0),
+            helper.make_node("ReduceProd", [f"{tag}_spatial"], [f"{tag}_plane"], keepdims=0),
+            helper.make_node("Range", [f"{tag}_zero", f"{tag}_planes", f"{tag}_one"], [f"{tag}_range"]),
+            helper.make_node("Mul", [f"{tag}_range", f"{tag}_plane"], [f"{tag}_flat"]),
+            helper.make_node("Concat", [f"{tag}_nc", f"{tag}_ones"], [f"{tag}_shape"], axis=0),
+            helper.make_node("Reshape", [f"{tag}_flat", f"{tag}_shape"], [delta]),
+        ]
+        dropped.add(delta)
+        orphans.update(slice_node.input[1:])
+        replaced += 1
+    if replaced:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        orphans -= {name for n in graph.node for name in n.input}
+        for i in reversed(range(len(graph.initializer))):
+            if graph.initializer[i].name in orphans:
+                del graph.initializer[i]
+    return replaced
+
+
+def _offset_pattern(node: Any, consumers: dict, constants: dict, graph_outputs: set) -> tuple[Any, int] | None:
+    """``(slice_node, spatial rank)`` if ``node`` is torchlib's kernel-1 MaxPool feeding only a Slice that takes
+    the first element of every spatial axis (the per-plane offsets), else ``None``."""
+    from onnx import helper
+
+    if node.op_type != "MaxPool" or node.domain not in ("", "ai.onnx") or len(node.output) != 2:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    kernel = list(attrs.get("kernel_shape", []))
+    nd = len(kernel)
+    if not kernel or kernel != [1] * nd or list(attrs.get("strides", [1] * nd)) != [1] * nd or \
+            any(attrs.get("pads", [0] * 2 * nd)) or attrs.get("storage_order", 0) != 0:
+        return None
+    if node.output[0] and (consumers.get(node.output[0]) or node.output[0] in graph_outputs):
+        return None
+    users = consumers.get(node.output[1], [])
+    if len(users) != 1 or users[0].op_type != "Slice" or node.output[1] in graph_outputs:
+        return None
+    slice_node = users[0]
+    ins = list(slice_node.input) + [""] * (5 - len(slice_node.input))
+    starts, ends, axes = (constants.get(n) if n else None for n in ins[1:4])
+    if starts is None or ends is None or axes is None or (ins[4] and constants.get(ins[4]) is None):
+        return None
+    steps = constants.get(ins[4]) if ins[4] else np.ones(nd, dtype=np.int64)
+    axes = [int(a) % (nd + 2) for a in axes]
+    if sorted(axes) != list(range(2, nd + 2)) or list(starts) != [0] * nd or list(ends) != [1] * nd or \
+            list(steps) != [1] * nd:
+        return None
+    return slice_node, nd
+
+
 def _subgraph_inputs(node: Any) -> set[str]:
     import onnx
 
@@ -493,6 +591,8 @@ _TWO_GIB = 2**31 - 2**20
 
 
 def _save(model_proto: Any, path: str) -> None:
+    """Write ``model_proto``; over 2 GiB its weights go to ``path + ".data"`` (this moves them out of the proto,
+    which then refers to that file)."""
     import onnx
 
     if model_proto.ByteSize() > _TWO_GIB:
@@ -521,11 +621,14 @@ def _describe(model: Any, staged: str, final_path: str) -> OnnxFile:
                     [o.name for o in model.graph.output], dict(ops))
 
 
-def _runnable(model: Any, scratch: str) -> str | bytes:
-    """What onnxruntime can load ``model`` from: its bytes, or (over 2 GiB) a scratch file."""
-    if model.ByteSize() > _TWO_GIB:
-        _save(model, scratch)
-        return scratch
+def _runnable(model: Any, beside: str) -> str | bytes:
+    """What onnxruntime can load ``model`` from: its bytes, or, once its weights live in an external data
+    file (over 2 GiB: ``_save`` moved them there), a file ``beside`` in that file's directory."""
+    from onnx.external_data_helper import uses_external_data
+
+    if model.ByteSize() > _TWO_GIB or any(uses_external_data(t) for t in model.graph.initializer):
+        _save(model, beside)
+        return beside
     return model.SerializeToString()
 
 
@@ -550,10 +653,9 @@ class _Staging:
     def path(self, target: str) -> str:
         return os.path.join(self.dir, os.path.basename(target))
 
-    def scratch(self, name: str) -> str:
-        d = os.path.join(self.dir, "scratch")
-        os.makedirs(d, exist_ok=True)
-        return os.path.join(d, name)
+    def extra(self, name: str) -> str:
+        """A file in the staging directory that is not committed."""
+        return os.path.join(self.dir, name)
 
     def commit(self) -> None:
         for target in self.targets:
@@ -859,6 +961,10 @@ def export_onnx(
             with torch.no_grad():
                 example_gates = dlgn.gates(*examples)
                 example_out = dlgn.value(*dlgn.value_inputs(*examples), *example_gates)
+            leaves = pytree.tree_leaves(example_out)
+            if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+                raise ExportError(f"the model's outputs must be tensors (possibly nested in tuples, lists or dicts) "
+                                  f"to become ONNX outputs; got {[type(t).__name__ for t in leaves]}")
             output_names = _output_names(example_out)
             batch = torch.export.Dim("batch") if dynamic_batch else None
             in_shapes = tuple({0: batch} for _ in examples) if batch is not None else None
@@ -886,7 +992,7 @@ def export_onnx(
 
                     def hidden_gates() -> str | bytes:
                         restore()
-                        return _runnable(fused, stage.scratch("with_gates.onnx"))
+                        return _runnable(fused, stage.extra("with_gates.onnx"))
             tick = time.perf_counter()
             for (target, proto), part in zip(written, parts):
                 _add_metadata(proto, dlgn, part)

@@ -9,15 +9,19 @@ A saved DLGN is a directory:
   directories you trust, as with any ``torch.load(weights_only=False)``.
 
 The directory is written under a temporary name and renamed into place, so an interrupted save never leaves
-a half-written model at ``path`` (an existing one is replaced only once the new one is complete).
+a half-written model at ``path``. An existing save is moved aside (``path.old-*``) only once the new one is
+complete and deleted after the new one is in place; if the process dies between those two renames,
+:func:`load` finds the previous save there.
 """
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any
 
 import torch
@@ -99,6 +103,14 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
 
     path = os.fspath(path)
     config_path = os.path.join(path, CONFIG)
+    if not os.path.exists(path):
+        # a save that replaced an existing model and was interrupted between its two renames left the
+        # previous model as PATH.old-*: it is complete, so load it
+        previous = sorted(glob.glob(glob.escape(path) + ".old-*"), key=os.path.getmtime)
+        if previous and os.path.exists(os.path.join(previous[-1], CONFIG)):
+            warnings.warn(f"'{path}' is missing; loading the previous save '{previous[-1]}' left by an "
+                          f"interrupted save", stacklevel=2)
+            path, config_path = previous[-1], os.path.join(previous[-1], CONFIG)
     if not os.path.isdir(path) or not os.path.exists(config_path):
         raise LoadError(f"'{path}' is not a saved relu2dlgn model (no {CONFIG})")
     try:

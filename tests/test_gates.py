@@ -38,9 +38,9 @@ def test_pool_windows_max_and_soft_limit(geo):
     x = _x(nd, 1)
     geo_ = PoolGeometry.make(nd, k, s, p, d, c)
     ref = G._max_pool_fn(nd)(x, k, s, p, d, c)
-    assert torch.equal(G.pool_windows(x, geo_, float("-inf")).amax(-1), ref)
+    assert torch.equal(G.pool_windows(x, geo_, float("-inf")).amax(2), ref)
     w = G.make_gate(GateSpec("maxpool", pool=geo_), x, 1e4, hard=False)
-    assert torch.allclose(w.sum(-1), torch.ones_like(ref))
+    assert torch.allclose(w.sum(2), torch.ones_like(ref))
     soft = G.gate_maxpool(x, w, nd, geo_.kernel_size, geo_.stride, geo_.padding, geo_.dilation, geo_.ceil_mode)
     assert torch.allclose(soft, ref, atol=1e-3)
 
@@ -52,7 +52,7 @@ def test_avg_standin_is_mean_of_valid_window_elements(geo):
     g = PoolGeometry.make(nd, k, s, p, d, c)
     out = G.avg_pool_standin(x, nd, g.kernel_size, g.stride, g.padding, g.dilation, g.ceil_mode)
     win = G.pool_windows(x, g, float("nan"))
-    ref = torch.nanmean(win, -1)
+    ref = torch.nanmean(win, 2)
     assert out.shape == ref.shape and torch.allclose(out, ref)
 
 

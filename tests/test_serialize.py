@@ -112,3 +112,26 @@ def test_load_newer_format_and_garbage_config(saved):
 def test_load_not_a_model(tmp_path):
     with pytest.raises(relu2dlgn.LoadError, match="not a saved relu2dlgn model"):
         relu2dlgn.load(tmp_path)
+
+
+def test_interrupted_replacement_falls_back_to_previous_save(tmp_path, monkeypatch):
+    d1 = relu2dlgn.convert(TinyNet(), mode="dlgn").eval()
+    d1.save(tmp_path / "m")
+    real_rename = os.rename
+    calls = []
+
+    def dying_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:                      # the new directory never reaches its place
+            raise KeyboardInterrupt
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", dying_rename)
+    with pytest.raises(KeyboardInterrupt):
+        relu2dlgn.convert(TinyNet(num_classes=3), mode="dlgn").save(tmp_path / "m")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not (tmp_path / "m").exists()
+    with pytest.warns(UserWarning, match="interrupted save"):
+        loaded = relu2dlgn.load(tmp_path / "m")
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(loaded(x), d1(x))

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 import relu2dlgn
 from _models import TinyNet, randomize_bn, rel_err
 from relu2dlgn.data import load_data, make_loader
-from relu2dlgn.gates import GateSpec, PoolGeometry
+from relu2dlgn.gates import GateSpec, PoolGeometry, make_gate, pool_windows
 from relu2dlgn.train import (FinetuneConfig, NonFiniteLossError, TeacherTap, Trainer, add_finetune_parser,
                              beta_at, finetune, fresh_dlgn, kd_loss, latest_checkpoint, lr_factor, match_sites,
                              recalibrate_bn, site_gate_terms)
@@ -72,6 +72,24 @@ def test_teacher_tap_is_source_output_and_preactivations():
     assert model.training is False and all(not p.requires_grad or True for p in tap.parameters())
 
 
+def test_teacher_tap_leaves_the_batch_alone():
+    class InPlaceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            x.relu_()  # mutates the caller's batch
+            return self.conv(x).relu().mean((2, 3))
+
+    x = torch.randn(2, 3, 8, 8)
+    keep = x.clone()
+    tap = TeacherTap(InPlaceFirst().eval())
+    assert tap.mutates_input and not TeacherTap(source_net()).mutates_input
+    out, qs = tap(x)
+    assert torch.equal(x, keep) and len(qs) == 2
+
+
 def test_match_sites_by_name_and_clear_error():
     model = source_net()
     dlgn_avg = relu2dlgn.convert(model, pool="avg")  # no max-pool site
@@ -113,6 +131,15 @@ def test_gate_terms_math():
     assert torch.allclose(loss, -torch.log_softmax(2.0 * q.flatten(), 0)[0])
     assert (agree.item(), n) == (0, 1)
     assert site_gate_terms(mp, q, q, 1.0, loss=False)[1].item() == 1
+    # larger windows, 2-d and 1-d, against pool_windows (window axis 2) with the window axis made last
+    for ndim, shape in ((2, (2, 3, 9, 10)), (1, (2, 3, 11))):
+        geo = PoolGeometry.make(ndim, 3, 2, 1)
+        q, qt = torch.randn(shape), torch.randn(shape)
+        wq, wt = pool_windows(q, geo, -math.inf).movedim(2, -1), pool_windows(qt, geo, -math.inf).movedim(2, -1)
+        ref = F.cross_entropy((3.0 * wq).reshape(-1, wq.shape[-1]), wt.argmax(-1).reshape(-1))
+        loss, agree, n = site_gate_terms(GateSpec("maxpool", pool=geo), q, qt, 3.0)
+        assert torch.allclose(loss, ref, atol=1e-6)
+        assert agree.item() == (wq.argmax(-1) == wt.argmax(-1)).sum().item() and n == wt[..., 0].numel()
 
 
 def test_kd_loss_and_schedules():
@@ -166,6 +193,17 @@ def test_distillation_trains_and_reports_agreement(digits, tmp_path):
     x = torch.stack([val[i][0] for i in range(4)])
     with torch.no_grad():
         assert torch.allclose(loaded.eval()(x), dlgn(x), atol=1e-5)
+
+
+def test_teacher_without_distillation_only_reports_agreement(digits):
+    train, val = digits
+    model = source_net()
+    dlgn = relu2dlgn.convert(model)
+    r = finetune(dlgn, make_loader(train, 32, train=True), make_loader(val, 64, train=False), teacher=model,
+                 distill=False, epochs=1, **FAST)
+    last = r.final
+    assert 0 < last["val_gate_agreement"] <= 1
+    assert not {"train_kd", "train_gate_loss", "train_gate_agreement"} & set(last)
 
 
 @pytest.mark.parametrize("frozen", ["gating", "value"])
@@ -431,7 +469,8 @@ def test_cli_finetune_digits_distill_resume(tmp_path):
     dlgn = relu2dlgn.load(out / "model")
     assert dlgn.mode == "dlgn" and len(dlgn.sites) == 3
     scratch = tmp_path / "scratch"
-    assert _cli(["finetune", "_models:TinyNet", "--data", "digits", "--image-size", "12", "--batch-size", "256",
+    assert _cli(["finetune", "_models:TinyNet", "--data", "digits", "--image-size", "12", "--channels", "1",
+                 "--batch-size", "256",
                  "--epochs", "1", "--from-scratch", "--freeze-gating", "--value-input", "ones", "--pool", "avg",
                  "--out", str(scratch), "--no-progress"]) == 0
     assert relu2dlgn.load(scratch / "model").value_input == "ones"
