@@ -18,8 +18,10 @@ to time what a trained DLGN costs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,28 +72,9 @@ def interleaved(a: ort.InferenceSession, b: ort.InferenceSession, x: np.ndarray,
     return ta, tb
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["timm:resnet18", "timm:resnet50"])
-    p.add_argument("--size", type=int, default=224, help="input height = width")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--repeats", type=int, nargs="+", default=[20, 3],
-                   help="timed runs per batch size (one value, or one per --batches entry)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--mode", choices=("dlgn", "dgn"), default="dlgn")
-    p.add_argument("--pool", choices=("gate", "avg"), default="gate", help="DLGN max-pool policy")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
-    p.add_argument("--keep", default=None, help="directory to keep the .onnx files in (default: a temp dir)")
-    args = p.parse_args(argv)
-    repeats = args.repeats if len(args.repeats) == len(args.batches) else [args.repeats[0]] * len(args.batches)
-
-    load = f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, {load}; "
-          f"onnxruntime {ort.__version__} CPUExecutionProvider, intra-op threads "
-          f"{args.threads or 'default'}; torch {torch.__version__}; {args.size} px; mode {args.mode}, pool {args.pool}")
+def measure(args: argparse.Namespace, repeats: list[int], workdir: str) -> list[tuple]:
+    """Export each model and its DLGN into ``workdir`` and time them; one row per (model, batch)."""
     rows = []
-    workdir = args.keep or tempfile.mkdtemp(prefix="relu2dlgn-bench-")
-    os.makedirs(workdir, exist_ok=True)
     for spec in args.models:
         torch.manual_seed(0)
         model = create_model(spec).eval()
@@ -121,6 +104,37 @@ def main(argv: list[str] | None = None) -> int:
                   f"best runs {min(ts) * 1e3:.1f} / {min(td) * 1e3:.1f} ms, ratio {min(td) / min(ts):.2f}",
                   flush=True)
         del src, dl
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["timm:resnet18", "timm:resnet50"])
+    p.add_argument("--size", type=int, default=224, help="input height = width")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--repeats", type=int, nargs="+", default=[20, 3],
+                   help="timed runs per batch size (one value, or one per --batches entry)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--mode", choices=("dlgn", "dgn"), default="dlgn")
+    p.add_argument("--pool", choices=("gate", "avg"), default="gate", help="DLGN max-pool policy")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--keep", default=None, help="directory to keep the .onnx files in (default: a temp dir)")
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    repeats = args.repeats if len(args.repeats) == len(args.batches) else [args.repeats[0]] * len(args.batches)
+
+    load = f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, {load}; "
+               f"onnxruntime {ort.__version__} CPUExecutionProvider, intra-op threads {args.threads or 'default'}; "
+               f"torch {torch.__version__}; {args.size} px; mode {args.mode}, pool {args.pool}")
+    print(f"machine: {machine}")
+    workdir = args.keep or tempfile.mkdtemp(prefix="relu2dlgn-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        rows = measure(args, repeats, workdir)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     header = ("model", "batch", "runs", "source ms", f"{args.mode} ms", "ratio", "ratio of best runs",
               "source MB", f"{args.mode} MB")
@@ -133,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in table[1:]:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    if args.out:
+        keys = ("model", "batch", "runs", "source_ms", "dlgn_ms", "ratio", "ratio_best", "source_bytes", "dlgn_bytes")
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine, "args": vars(args), "results": [dict(zip(keys, r)) for r in rows]}, f,
+                      indent=1)
     return 0
 
 

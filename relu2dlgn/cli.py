@@ -1,4 +1,4 @@
-"""Command line: ``relu2dlgn inspect MODEL``, and the other subcommands registered below."""
+"""Command line: ``relu2dlgn inspect | finetune | export``."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train import add_finetune_parser
     add_finetune_parser(sub)
+    from .export import add_export_parser
+    add_export_parser(sub)
     return parser
 
 

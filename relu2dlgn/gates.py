@@ -200,7 +200,7 @@ def gate_maxpool(v: Tensor, g: Tensor, ndim: int, kernel_size: tuple[int, ...], 
                  padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool) -> Tensor:
     """Max-pool gate: ``g`` holds arg-max indices (hard) or window weights (soft)."""
     if not g.is_floating_point():
-        return v.flatten(2).gather(2, g.flatten(2)).view(g.shape)
+        return v.flatten(-ndim).gather(-1, g.flatten(-ndim)).view(g.shape)
     geo = PoolGeometry(ndim, kernel_size, stride, padding, dilation, ceil_mode)
     return (pool_windows(v, geo, 0.0) * g).sum(2)
 
