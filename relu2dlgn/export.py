@@ -840,6 +840,29 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = t
 
 
+def _check_ceil_mode(dlgn: DLGN, examples: tuple) -> None:
+    """Refuse max-pool sites whose ``ceil_mode`` window count PyTorch and ONNX compute differently.
+
+    PyTorch drops a last window that would start in the right padding (``(out - 1) * stride >= size +
+    padding``); ONNX's ``MaxPool``/``AveragePool`` keep it, so the exported shapes would not match."""
+    sites = [s for s in dlgn.sites if s.kind == "maxpool" and s.params["ceil_mode"]]
+    if not sites:
+        return
+    with _eval_mode(dlgn), torch.no_grad():
+        qs = dlgn.pre_activations(*examples)
+    for site in sites:
+        geo = site.spec.pool
+        for size, k, st, p, d in zip(qs[site.index].shape[2:], geo.kernel_size, geo.stride, geo.padding,
+                                     geo.dilation):
+            out = -(-(size + 2 * p - d * (k - 1) - 1) // st) + 1
+            if (out - 1) * st >= size + p:
+                raise ExportError(
+                    f"max-pool site {site.index} ({site.op} at module '{site.module_path or '<root>'}'): "
+                    f"ceil_mode=True with kernel {k}, stride {st}, padding {p} on a size-{size} axis: PyTorch drops "
+                    f"the last window (it would start in the padding), ONNX keeps it, so the exported shapes "
+                    f"would differ. Use ceil_mode=False (with explicit padding) in the source model to export.")
+
+
 def export_onnx(
     dlgn: DLGN,
     path: str | os.PathLike,
@@ -933,6 +956,7 @@ def export_onnx(
         example_inputs = (example_inputs,)
     examples = tuple(example_inputs)
     dlgn.check_inputs(examples)
+    _check_ceil_mode(dlgn, examples)
     if not all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in examples):
         raise ExportError("example_inputs must be tensors with a leading batch axis")
     ref = dlgn._reference_tensor()

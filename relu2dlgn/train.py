@@ -967,8 +967,16 @@ class Trainer:
                     disable=not (self.cfg.progress and self.main))
 
     # -- checkpoints ------------------------------------------------------------------------------------
+    def _loader_generator(self) -> torch.Generator | None:
+        """The training loader's own shuffling generator (``DataLoader(..., generator=g)``), if it has one:
+        its state is part of the random streams a resumed run must continue."""
+        gen = getattr(self.train_loader, "generator", None)
+        return gen if isinstance(gen, torch.Generator) else None
+
     def _trainer_state(self) -> dict[str, Any]:
         rng = _rng_state()
+        if self._loader_generator() is not None:
+            rng["loader"] = self._loader_generator().get_state()
         if self.distributed:
             rngs: list[Any] = [None] * self.world
             dist.all_gather_object(rngs, rng)
@@ -1016,6 +1024,8 @@ class Trainer:
         rngs = state["rng"]
         if len(rngs) == self.world:
             _set_rng_state(rngs[self.rank])
+            if "loader" in rngs[self.rank] and self._loader_generator() is not None:
+                self._loader_generator().set_state(rngs[self.rank]["loader"])
         elif self.main:
             print(f"relu2dlgn finetune: checkpoint was written by {len(rngs)} process(es), now {self.world}: the "
                   f"random streams restart (training continues, not bit-for-bit).", file=sys.stderr)

@@ -53,3 +53,17 @@ def test_augmented_assignment_on_an_alias_stays_in_place():
             d = relu2dlgn.convert(model, mode=mode).eval()
             assert any(n.target is operator.iadd for n in d.value.graph.nodes)
         assert torch.allclose(relu2dlgn.convert(model, mode="dgn").eval()(x), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_onnx_export_refuses_ceil_mode_window_that_pytorch_drops(tmp_path):
+    """Found by hypothesis: MaxPool2d(1, 2, ceil_mode=True) on an even size. PyTorch drops the last window
+    (it would start past the input), ONNX keeps it: onnx.checker then rejected the file with a shape error.
+    export_onnx now refuses such a site up front, naming it and the remedy."""
+    import pytest
+    plan = Plan(in_chans=2, size=10, steps=[("gate", "relu", "module"), ("bn",),
+                                           ("gate", "maxpool", "module", (1, 2, 0, 1, True)),
+                                           ("conv", 2, 1, 1), ("gate", "relu", "module"), ("head", 2)], planted=3)
+    dlgn = relu2dlgn.convert(GenNet(plan).eval(), mode="dgn").eval()
+    with pytest.raises(relu2dlgn.ExportError, match=r"max-pool site 1 .*ceil_mode=True with kernel 1, stride 2"):
+        relu2dlgn.export_onnx(dlgn, str(tmp_path / "m.onnx"), example_inputs=(torch.randn(2, 2, 10, 10),))
+    assert list(tmp_path.iterdir()) == []
