@@ -385,10 +385,9 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None,
             leaf_modules: Iterable[type | str] = ()) -> Captured:
-    """Trace ``model`` into a :class:`Captured` graph, in eval mode.
+    """Trace ``model`` into a :class:`Captured` graph of its eval-mode forward.
 
-    ``model`` is put into eval mode in place (tracing must see the eval-mode forward) and is otherwise not
-    modified; the caller restores each module's training flag (:func:`relu2dlgn.convert` does).
+    ``model`` is not modified: it is traced in eval mode and every module's training flag is restored after.
 
     Raises :class:`ConversionError` naming the module path, the reason and the remedy when tracing fails.
     """
@@ -396,8 +395,16 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     for lm in leaf_modules:
         if not isinstance(lm, (type, str)):
             raise ConversionError(f"leaf_modules entries must be module types or module paths, got {lm!r}")
-    root = model.eval()  # the caller restores each module's training flag
-    examples = tuple(example_inputs) if example_inputs is not None else None
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        return _capture(model.eval(), tuple(example_inputs) if example_inputs is not None else None,
+                        leaf_modules)
+    finally:
+        for m, t in was_training.items():
+            m.training = t
+
+
+def _capture(root: nn.Module, examples: tuple | None, leaf_modules: tuple) -> Captured:
     try:
         cap = _trace(root, leaf_modules, examples, concrete=False)
         cap.train_differs = _train_graph_difference(root, leaf_modules, cap.graph)

@@ -65,12 +65,7 @@ def convert(
         example_inputs = (example_inputs,)
     _check_model(model)
 
-    was_training = {m: m.training for m in model.modules()}
-    try:
-        cap = capture(model, example_inputs, leaf_modules)
-    finally:
-        for m, t in was_training.items():
-            m.training = t
+    cap = capture(model, example_inputs, leaf_modules)
     sites, nonlinear = find_sites(cap.graph, cap.modules)
     linear = mode == "dlgn"
     standins: list[tuple[fx.Node, Classified]] = []

@@ -150,15 +150,21 @@ def build_gating(graph: fx.Graph, modules: dict[str, Any], sites: list[tuple[fx.
     output.args = (tuple(captures),)
     _protect_inputs(g, modules)
 
-    group, mutations = alias_analysis(g, modules)
-    order = {n: i for i, n in enumerate(g.nodes)}
-    for cap in captures:
-        src = cap.args[0]
-        if not any(order[m] > order[cap] and grp == group[src] for m, grp in mutations):
-            cap.replace_all_uses_with(src)
-            g.erase_node(cap)
+    drop_needless_clones(g, captures, modules)
     _prune(g, modules)
     return _graph_module(g, modules, "Gating")
+
+
+def drop_needless_clones(g: fx.Graph, clones: list[fx.Node], modules: dict[str, Any]) -> None:
+    """Replace each ``x.clone()`` in ``clones`` (a pre-activation captured at its site) by ``x`` unless a later
+    in-place op could overwrite ``x``."""
+    group, mutations = alias_analysis(g, modules)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for clone in clones:
+        src = clone.args[0]
+        if not any(order[m] > order[clone] and grp == group[src] for m, grp in mutations):
+            clone.replace_all_uses_with(src)
+            g.erase_node(clone)
 
 
 def _protect_inputs(g: fx.Graph, modules: dict[str, Any]) -> None:

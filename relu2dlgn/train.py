@@ -195,15 +195,10 @@ class TeacherTap(nn.Module):
                  leaf_modules: Iterable[type | str] = ()):
         super().__init__()
         from .capture import capture
-        from .rewrite import alias_analysis
+        from .rewrite import alias_analysis, drop_needless_clones
         from .sites import find_sites
 
-        was_training = {m: m.training for m in model.modules()}
-        try:
-            cap = capture(model, example_inputs, leaf_modules)
-        finally:
-            for m, t in was_training.items():
-                m.training = t
+        cap = capture(model, example_inputs, leaf_modules)
         sites, _ = find_sites(cap.graph, cap.modules)
         g = fx.Graph()
         val_map: dict[fx.Node, fx.Node] = {}
@@ -213,14 +208,7 @@ class TeacherTap(nn.Module):
             with g.inserting_before(val_map[node]):
                 captures.append(g.call_method("clone", (val_map[c.input],)))
         g.output((out, tuple(captures)))
-        # a clone is only needed when something later overwrites the pre-activation in place
-        group, mutations = alias_analysis(g, cap.modules)
-        order = {n: i for i, n in enumerate(g.nodes)}
-        for cl in captures:
-            src = cl.args[0]
-            if not any(order[m] > order[cl] and grp == group[src] for m, grp in mutations):
-                cl.replace_all_uses_with(src)
-                g.erase_node(cl)
+        drop_needless_clones(g, captures, cap.modules)
         group, mutations = alias_analysis(g, cap.modules)
         inputs = {group[n] for n in g.nodes if n.op == "placeholder"}
         # a source whose first ops work in place on its input would change the batch the DLGN then sees
