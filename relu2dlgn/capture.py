@@ -65,11 +65,9 @@ class Captured:
 
     graph: fx.Graph
     modules: dict[str, Any]
-    root: nn.Module
     example_inputs: tuple | None
     guards: list[Guard] = field(default_factory=list)
     hidden: list[tuple[str, str]] = field(default_factory=list)
-    concrete: bool = False
     train_differs: str | None = None
 
 
@@ -472,5 +470,5 @@ def _trace(root: nn.Module, leaf_modules: tuple, examples: tuple | None, concret
                                         (guard.node, guard.expected, guard.module_path, guard.where, example))
             check.meta["module_path"] = guard.module_path
             check.meta["guard"] = True
-    return Captured(graph=graph, modules=modules, root=root, example_inputs=examples, guards=tracer.guards,
-                    hidden=tracer.hidden, concrete=concrete)
+    return Captured(graph=graph, modules=modules, example_inputs=examples, guards=tracer.guards,
+                    hidden=tracer.hidden)

@@ -29,10 +29,6 @@ class InputSpec:
         return {"name": self.name, "rank": self.rank,
                 "example_shape": list(self.example_shape) if self.example_shape else None}
 
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> "InputSpec":
-        return InputSpec(d["name"], d["rank"], tuple(d["example_shape"]) if d.get("example_shape") else None)
-
 
 @dataclass
 class ConversionReport:

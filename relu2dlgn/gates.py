@@ -24,7 +24,7 @@ The functions here are module-level so that torch.fx code generation and picklin
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import functools
@@ -33,9 +33,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
-
-GATE_KINDS = ("relu", "leaky_relu", "prelu", "hardtanh", "maxpool")
-
 
 @dataclass(frozen=True)
 class PoolGeometry:
@@ -88,7 +85,6 @@ class GateSpec:
     lo: float = 0.0
     hi: float = 0.0
     pool: PoolGeometry | None = None
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 def fx_leaf(fn):
@@ -131,15 +127,6 @@ def make_gate(spec: GateSpec, q: Tensor, beta: float, hard: bool) -> Tensor:
                                           geo.ceil_mode, return_indices=True)[1]
         return torch.softmax(pool_windows(q, geo, float("-inf")) * beta, dim=2)
     raise ValueError(f"unknown gate kind {kind!r}")
-
-
-def hard_pattern(spec: GateSpec, q: Tensor) -> Tensor:
-    """Boolean activation pattern of a site (what 'the gate is on' means), for statistics."""
-    if spec.kind == "hardtanh":
-        return (q > spec.lo) & ~(q > spec.hi)
-    if spec.kind == "maxpool":
-        return make_gate(spec, q, 1.0, True)
-    return q > 0
 
 
 # --------------------------------------------------------------------------------------------------

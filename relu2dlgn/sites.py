@@ -106,12 +106,6 @@ class GateSite:
                 "op": self.op, "inplace": self.inplace, "params": self.params,
                 "shape": list(self.shape) if self.shape is not None else None}
 
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> "GateSite":
-        shape = tuple(d["shape"]) if d.get("shape") is not None else None
-        return GateSite(d["index"], d["kind"], d["node"], d["module_path"], d["op"], d["inplace"], d["params"],
-                        shape)
-
 
 @dataclass
 class Classified:

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from .dlgn import DLGN
 from .errors import InputError, Relu2DlgnError
-from .gates import GateSpec, PoolGeometry, make_gate, pool_windows
+from .gates import GateSpec, make_gate, pool_windows
 
 CHECKPOINT_DIR, LATEST, METRICS, MODEL_DIR = "checkpoints", "latest.json", "metrics.jsonl", "model"
 WEIGHTS_FILE, STATE_FILE = "model.safetensors", "trainer.pt"

@@ -8,7 +8,7 @@ from torch import nn
 
 import relu2dlgn
 from relu2dlgn.capture import capture, split_norm_act
-from _models import build, rel_err
+from _models import rel_err
 
 
 class _Inner(nn.Module):
@@ -34,7 +34,6 @@ def test_nodes_record_module_path():
 
 
 def test_norm_act_split_shares_parameters():
-    import timm
     from timm.layers import BatchNormAct2d
     m = BatchNormAct2d(4)
     norm, after = split_norm_act(m)

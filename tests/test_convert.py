@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -109,9 +108,7 @@ def _check_dlgn_affine(model, x, **kwargs):
         gates = dlgn.gates(x)
         _assert_affine(lambda v: dlgn.value(v, *gates), x, x2)
         # and the gates really are functions of the gating net: changing them changes the value output
-        assert not torch.equal(dlgn.value(x, *gates)[0] if isinstance(dlgn(x), tuple) else dlgn.value(x, *gates),
-                               dlgn.value(x, *dlgn.gates(x2))[0] if isinstance(dlgn(x), tuple)
-                               else dlgn.value(x, *dlgn.gates(x2)))
+        assert not torch.equal(_outputs(dlgn.value(x, *gates))[0], _outputs(dlgn.value(x, *dlgn.gates(x2)))[0])
     return dlgn
 
 
@@ -266,14 +263,15 @@ def test_shape_specialisation_is_checked_at_call_time():
     dlgn = relu2dlgn.convert(model, mode="dgn").eval()          # default example: 224 px (pretrained_cfg)
     assert dlgn.report.specialised and "pre_logits" in dlgn.report.specialised[0]
     with torch.no_grad():
-        assert rel_err(dlgn(torch.randn(1, 3, 224, 224)), model(torch.randn(1, 3, 224, 224))) < 2  # runs
+        x = torch.randn(1, 3, 224, 224)
+        assert rel_err(dlgn(x), model(x)) <= 1e-5
         with pytest.raises(relu2dlgn.SpecialisationError, match="pre_logits.*example_inputs"):
             dlgn(torch.randn(2, 3, 64, 64))
 
 
 def test_error_no_gate_site():
     with pytest.raises(relu2dlgn.ConversionError, match="no gate site"):
-        relu2dlgn.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2) if False else nn.Identity()))
+        relu2dlgn.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Identity()))
 
 
 def test_error_strict_dlgn_lists_every_nonlinearity():

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 import relu2dlgn
 from _models import TinyNet, randomize_bn, rel_err
 from relu2dlgn.data import load_data, make_loader
-from relu2dlgn.gates import GateSpec, PoolGeometry, make_gate, pool_windows
+from relu2dlgn.gates import GateSpec, PoolGeometry, pool_windows
 from relu2dlgn.train import (FinetuneConfig, NonFiniteLossError, TeacherTap, Trainer, add_finetune_parser,
                              beta_at, finetune, fresh_dlgn, kd_loss, latest_checkpoint, lr_factor, match_sites,
                              recalibrate_bn, site_gate_terms)
