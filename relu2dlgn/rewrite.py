@@ -148,10 +148,10 @@ def build_gating(graph: fx.Graph, modules: dict[str, Any], sites: list[tuple[fx.
     _replace_standins(g, val_map, standins)
     output = next(n for n in reversed(g.nodes) if n.op == "output")
     output.args = (tuple(captures),)
-    _protect_inputs(g, modules)
+    protect_inputs(g, modules)
 
     drop_needless_clones(g, captures, modules)
-    _prune(g, modules)
+    prune(g, modules)
     return _graph_module(g, modules, "Gating")
 
 
@@ -167,7 +167,7 @@ def drop_needless_clones(g: fx.Graph, clones: list[fx.Node], modules: dict[str, 
             g.erase_node(clone)
 
 
-def _protect_inputs(g: fx.Graph, modules: dict[str, Any]) -> None:
+def protect_inputs(g: fx.Graph, modules: dict[str, Any]) -> None:
     """Clone every input that an in-place op of the gating graph could mutate: the caller's tensor is the
     value network's input too, and must reach it as the source model would have seen it."""
     group, mutations = alias_analysis(g, modules)
@@ -180,7 +180,7 @@ def _protect_inputs(g: fx.Graph, modules: dict[str, Any]) -> None:
             ph.replace_all_uses_with(copy_, delete_user_cb=lambda user: user is not copy_)
 
 
-def _prune(g: fx.Graph, modules: dict[str, Any]) -> None:
+def prune(g: fx.Graph, modules: dict[str, Any]) -> None:
     """Remove what the outputs do not need, keeping in-place ops on needed tensors and guards/asserts."""
     group, mutations = alias_analysis(g, modules)
     nodes = list(g.nodes)
