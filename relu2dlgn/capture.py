@@ -3,16 +3,7 @@
 The tracer follows torchvision's ``feature_extraction`` tracer: every node records the qualified name of the
 module it was created in (``node.meta["module_path"]``), so gate sites and errors can name where they are.
 
-Leaf policy, highest priority first:
-
-1. ``leaf_modules`` given by the user (types or module paths) are opaque leaves;
-2. timm's norm+activation modules (``BatchNormAct2d`` family) are *split*: the norm stays one module call
-   (so ``train()``/``eval()`` keep working) and its ``drop``/``act`` children are traced as separate calls,
-   which exposes the activation as a gate site;
-3. modules whose forward branches on ``self.training`` (DropPath, DropBlock, StochasticDepth) are leaves,
-   and so are timm's registered "no-trace" modules unless they contain activation modules (timm's VGG
-   ``ConvMlp``): those are traced into, so their activations become gates;
-4. otherwise torch.fx's rule: ``torch.nn`` modules are leaves, everything else is traced through.
+The leaf policy (which modules stay opaque, which are traced into or split) is :mod:`relu2dlgn.leaves`.
 
 Shape-dependent Python control flow (timm's VGG ``ConvMlp``) cannot be traced symbolically. The tracer
 first tries plain symbolic tracing (fast); if the model branches on a traced value it re-traces
@@ -25,7 +16,6 @@ from __future__ import annotations
 
 import linecache
 import operator
-import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -43,7 +33,9 @@ except ImportError:  # pragma: no cover - older torch
     _unpatched = contextlib.nullcontext
 
 from .errors import ConversionError, SpecialisationError
-from .gates import fx_leaf
+from .leaves import contains_activation, split_norm_act, timm_notrace, training_dependent_types
+from .utils.fx import fx_leaf
+from .utils.modes import preserved_modes
 
 _SELF_DIR = __file__.rsplit("/", 1)[0]
 _TORCH_DIR = torch.__file__.rsplit("/", 1)[0]
@@ -141,88 +133,18 @@ def _check_specialisation(actual: Any, expected: Any, module_path: str, where: s
         )
 
 
-def _timm_notrace() -> tuple[set[type], set[Callable]]:
-    if "timm" not in sys.modules:
-        return set(), set()
-    try:
-        from timm.layers import _fx as timm_fx
-    except Exception:  # pragma: no cover - timm without fx helpers
-        return set(), set()
-    return set(timm_fx.get_notrace_modules()), set(timm_fx.get_notrace_functions())
-
-
-def _training_dependent_types() -> tuple[type, ...]:
-    out: list[type] = []
-    if "timm" in sys.modules:
-        try:
-            from timm.layers import DropBlock2d, DropPath
-            out += [DropPath, DropBlock2d]
-        except Exception:  # pragma: no cover
-            pass
-    if "torchvision" in sys.modules:
-        try:
-            from torchvision.ops import StochasticDepth
-            out.append(StochasticDepth)
-        except Exception:  # pragma: no cover
-            pass
-    return tuple(out)
-
-
-# ---- norm + activation modules (timm) --------------------------------------------------------------
-
-def _norm_base(m: nn.Module) -> type | None:
-    """The plain norm class that ``m`` (a timm norm+act module) computes before its drop/act."""
-    if not ("timm" in sys.modules and hasattr(m, "act") and isinstance(m.act, nn.Module)):
-        return None
-    try:
-        from timm.layers import norm_act
-    except Exception:  # pragma: no cover
-        return None
-    if isinstance(m, (norm_act.BatchNormAct2d, getattr(norm_act, "SyncBatchNormAct", ()))):
-        return nn.BatchNorm2d
-    if isinstance(m, norm_act.FrozenBatchNormAct2d):
-        from torchvision.ops.misc import FrozenBatchNorm2d
-        return FrozenBatchNorm2d
-    if isinstance(m, norm_act.GroupNormAct):
-        return nn.GroupNorm
-    if type(m).__name__ == "LayerNormAct":
-        return nn.LayerNorm
-    return None
-
-
-def split_norm_act(m: nn.Module) -> tuple[nn.Module, list[str]] | None:
-    """A plain norm module sharing ``m``'s parameters and buffers, and the names of the children to call
-    after it (``drop``, ``act``). ``None`` if ``m`` is not a norm+act module."""
-    base = _norm_base(m)
-    if base is None:
-        return None
-    norm = base.__new__(base)
-    state = {k: (dict(v) if k in ("_parameters", "_buffers", "_modules") else v) for k, v in m.__dict__.items()}
-    for child in ("act", "drop"):
-        state["_modules"].pop(child, None)
-    norm.__dict__.update(state)
-    after = [c for c in ("drop", "act") if isinstance(getattr(m, c, None), nn.Module)
-             and not isinstance(getattr(m, c), nn.Identity)]
-    return norm, after
-
-
-def _contains_activation(m: nn.Module) -> bool:
-    from .sites import is_activation_module, nonlinear_module_name
-    return any(is_activation_module(sub) or nonlinear_module_name(sub) for sub in m.modules() if sub is not m)
-
-
 class CaptureTracer(fx.Tracer):
     """torch.fx tracer with relu2dlgn's leaf policy, module paths and (optionally) concrete values."""
 
     def __init__(self, leaf_modules: Iterable[type | str] = (), example_inputs: tuple | None = None,
                  concrete: bool = False):
-        timm_leaves, timm_fns = _timm_notrace()
+        timm_leaves, timm_fns = timm_notrace()
         super().__init__(autowrap_functions=tuple(f for f in timm_fns if callable(f)),
                          param_shapes_constant=True)
         self.user_leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self.user_leaf_paths = {p for p in leaf_modules if isinstance(p, str)}
         self.timm_leaves = tuple(timm_leaves)
-        self.training_dependent = _training_dependent_types()
+        self.training_dependent = training_dependent_types()
         self.module_table: dict[str, nn.Module] = {}
         self.hidden: list[tuple[str, str]] = []
         self.concrete = concrete
@@ -246,7 +168,7 @@ class CaptureTracer(fx.Tracer):
         if isinstance(m, self.timm_leaves):
             # timm's no-trace modules stay opaque unless they hide activations: then trace into them
             # (concrete tracing resolves the shape-dependent control flow that made timm mark them)
-            return not _contains_activation(m)
+            return not contains_activation(m)
         return super().is_leaf_module(m, path)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
@@ -261,7 +183,7 @@ class CaptureTracer(fx.Tracer):
                 for child in after:
                     x = getattr(m, child)(x)
                 return x
-        elif self.is_leaf_module(m, path) and _contains_activation(m):
+        elif self.is_leaf_module(m, path) and contains_activation(m):
             self.hidden.append((path, f"leaf module {type(m).__name__} contains activation modules that are "
                                       f"not converted to gates"))
         try:
@@ -393,13 +315,9 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = No
     for lm in leaf_modules:
         if not isinstance(lm, (type, str)):
             raise ConversionError(f"leaf_modules entries must be module types or module paths, got {lm!r}")
-    was_training = {m: m.training for m in model.modules()}
-    try:
+    with preserved_modes(model):
         return _capture(model.eval(), tuple(example_inputs) if example_inputs is not None else None,
                         leaf_modules)
-    finally:
-        for m, t in was_training.items():
-            m.training = t
 
 
 def _capture(root: nn.Module, examples: tuple | None, leaf_modules: tuple) -> Captured:

@@ -1,6 +1,7 @@
 """``relu2dlgn.convert``: capture → gate sites → rewrite → :class:`~relu2dlgn.DLGN`."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -8,22 +9,37 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import Captured, capture, default_example_inputs
-from .dlgn import DLGN, MODES, POOLS, VALUE_INPUTS, ConversionReport, InputSpec
+from .dlgn import DLGN
 from .errors import ConversionError
+from .options import option, positive
+from .report import ConversionReport, InputSpec
 from .rewrite import build_gating, build_value
 from .sites import Classified, GateSite, find_sites
+from .types import MODES, POOLS, VALUE_INPUTS, Mode, Pool, ValueInput
+from .utils.modes import eval_mode
 
 DEFAULT_BETA = 10.0
 
 
+@dataclass
+class ConvertOptions:
+    """The options of :func:`convert` that a command line or config file sets (same names and defaults)."""
+
+    mode: Mode = option("dlgn", "dlgn: the gating network is deep linear; dgn: it is the source network")
+    value_input: ValueInput = option("input", "what the value network is fed: the input, or ones")
+    beta: float = option(DEFAULT_BETA, "soft-gate sharpness sigmoid(beta q) in training", check=positive)
+    pool: Pool = option("gate", "DLGN max-pool: a gate (arg max), or average pooling in both networks")
+    strict: bool = option(True, "refuse nonlinearities that are not gates (DLGN); --no-strict keeps them")
+
+
 def convert(
     model: nn.Module,
-    mode: str = "dlgn",
+    mode: Mode = "dlgn",
     *,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
-    value_input: str | None = None,
+    value_input: ValueInput = "input",
     beta: float = DEFAULT_BETA,
-    pool: str = "gate",
+    pool: Pool = "gate",
     strict: bool = True,
     leaf_modules: Iterable[type | str] = (),
 ) -> DLGN:
@@ -56,7 +72,6 @@ def convert(
         raise ConversionError(f"convert() expects an nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise ConversionError(f"mode must be one of {MODES}, got {mode!r}")
-    value_input = "input" if value_input is None else value_input
     if value_input not in VALUE_INPUTS:
         raise ConversionError(f"value_input must be one of {VALUE_INPUTS}, got {value_input!r}")
     if pool not in POOLS:
@@ -144,15 +159,10 @@ def _rank_from_users(p: fx.Node, modules: dict) -> int | None:
 
 
 def _record_shapes(dlgn: DLGN, examples: tuple) -> None:
-    training = dlgn.training
-    dlgn.eval()
-    try:
-        with torch.no_grad():
-            qs = dlgn.gating(*examples)
-        for site, q in zip(dlgn.sites, qs):
-            shape = tuple(q.shape)
-            if site.kind == "maxpool":
-                shape = shape[:2] + site.spec.pool.output_size(shape[2:])
-            site.shape = shape
-    finally:
-        dlgn.train(training)
+    with eval_mode(dlgn), torch.no_grad():
+        qs = dlgn.gating(*examples)
+    for site, q in zip(dlgn.sites, qs):
+        shape = tuple(q.shape)
+        if site.kind == "maxpool":
+            shape = shape[:2] + site.spec.pool.output_size(shape[2:])
+        site.shape = shape

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .errors import Relu2DlgnError
+from .errors import DataError
 
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
@@ -31,9 +31,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = ("cifar10", "cifar100", "digits", "imagefolder:PATH")
 _VAL_DIRS = ("val", "validation", "test")
 
-
-class DataError(Relu2DlgnError, ValueError):
-    """A dataset cannot be found or read: the message names the dataset, the path and what to do."""
 
 
 @dataclass

@@ -1,117 +1,74 @@
-"""The converted model: a gating graph, a value graph and the gates between them."""
+"""The converted model: a gating graph, a value graph and the gates between them.
+
+:meth:`DLGN.run` is the one place where the two graphs are run together; ``forward``, the fine-tuning loop,
+the teacher, ONNX export and the interpretability instruments all go through it (or through its two halves,
+:meth:`DLGN.gates` and :meth:`DLGN.value_forward`, where they need only one of them).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import InputError
-from .gates import make_gate
-from .sites import GateSite, Nonlinearity
-
-MODES = ("dlgn", "dgn")
-VALUE_INPUTS = ("input", "ones")
-POOLS = ("gate", "avg")
-
-
-@dataclass
-class InputSpec:
-    """What the converted model expects of one input (checked at call time)."""
-
-    name: str
-    rank: int | None
-    example_shape: tuple[int, ...] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "rank": self.rank,
-                "example_shape": list(self.example_shape) if self.example_shape else None}
+from . import serialize
+from ._version import __version__
+from .errors import InputError, LoadError
+from .gates import GateSpec, make_gate
+from .report import ConversionReport, InputSpec
+from .sites import GateSite
+from .types import Mode, Pool, ValueInput
 
 
 @dataclass
-class ConversionReport:
-    """What the conversion found, kept, refused or specialised."""
+class DLGNOutput:
+    """What :meth:`DLGN.run` returns: the model's output (the source model's output structure), the gating
+    network's pre-activation at every gate site, and the gates the value network consumed."""
 
-    mode: str
-    value_input: str
-    pool: str
-    strict: bool
-    source: str
-    sites: list[GateSite] = field(default_factory=list)
-    nonlinear_kept: list[Nonlinearity] = field(default_factory=list)
-    hidden: list[tuple[str, str]] = field(default_factory=list)
-    specialised: list[str] = field(default_factory=list)
-    pool_standins: list[str] = field(default_factory=list)
-    train_differs: str | None = None
-
-    def kind_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for s in self.sites:
-            counts[s.kind] = counts.get(s.kind, 0) + 1
-        return counts
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "value_input": self.value_input, "pool": self.pool, "strict": self.strict,
-                "source": self.source, "num_sites": len(self.sites), "kinds": self.kind_counts(),
-                "nonlinear_kept": [str(n) for n in self.nonlinear_kept],
-                "hidden": [f"{p}: {r}" for p, r in self.hidden], "specialised": self.specialised,
-                "pool_standins": self.pool_standins, "train_differs": self.train_differs}
-
-    def __str__(self) -> str:
-        lines = [f"relu2dlgn conversion of {self.source}: mode={self.mode} value_input={self.value_input} "
-                 f"pool={self.pool} strict={self.strict}",
-                 f"{len(self.sites)} gate sites: " + ", ".join(f"{k}={v}" for k, v in self.kind_counts().items())]
-        lines.append(site_table(self.sites))
-        if self.train_differs:
-            lines.append(f"note: the source's forward differs between train() and eval() from module "
-                         f"'{self.train_differs}' on; the converted graphs follow eval() in both modes")
-        for title, items in (("kept nonlinearities (not gates)", [str(n) for n in self.nonlinear_kept]),
-                             ("opaque leaf modules hiding activations", [f"{p}: {r}" for p, r in self.hidden]),
-                             ("max-pools replaced by average pooling in both graphs", self.pool_standins),
-                             ("shape specialisations (checked at call time)", self.specialised)):
-            if items:
-                lines.append(f"{title}:")
-                lines += [f"  - {i}" for i in items]
-        return "\n".join(lines)
-
-
-def site_table(sites: Sequence[GateSite]) -> str:
-    """A fixed-width table of gate sites: index, kind, module path, op, in-place, shape."""
-    header = ("idx", "kind", "module path", "op", "node", "shape")
-    rows = [(str(s.index), s.kind, s.module_path or "<root>", s.op + (" [in-place]" if s.inplace else ""),
-             s.node, "x".join(map(str, s.shape)) if s.shape else "-") for s in sites]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+    output: Any
+    pre_activations: tuple[torch.Tensor, ...]
+    gates: tuple[torch.Tensor, ...]
 
 
 class DLGN(nn.Module):
     """A deep (linearly) gated network: ``forward(x) = value(value_input(x), *gates(x))``.
 
     * ``gating``: ``fx.GraphModule``, input(s) -> tuple of pre-activations ``q_i``, one per gate site;
-    * ``gates(x)``: ``make_gate(site_i, q_i)`` — soft (``sigmoid(beta q)`` and its equivalents) in
-      ``train()`` mode, hard (``1(q > 0)``, arg-max indices for max-pool) in ``eval()`` mode;
+    * gates: ``make_gate(site_i, q_i)`` — soft (``sigmoid(beta q)`` and its equivalents) in ``train()`` mode,
+      hard (``1(q > 0)``, arg-max indices for max-pool) in ``eval()`` mode, or as :meth:`run` is told;
     * ``value``: ``fx.GraphModule``, ``(value input(s), *gates)`` -> the source model's output structure.
 
     ``value_input="input"`` feeds ``x`` to the value network, ``"ones"`` a tensor of ones shaped like ``x``.
+
+    Example::
+
+        dlgn = relu2dlgn.convert(model)
+        out = dlgn.run(x, hard=True)          # DLGNOutput(output, pre_activations, gates)
+        out.output, out.pre_activations[3], out.gates[3]
     """
 
-    def __init__(self, gating: fx.GraphModule, value: fx.GraphModule, sites: Sequence[GateSite], *, mode: str,
-                 value_input: str, beta: float, pool: str, report: ConversionReport,
+    def __init__(self, gating: fx.GraphModule, value: fx.GraphModule, sites: Sequence[GateSite], *, mode: Mode,
+                 value_input: ValueInput, beta: float, pool: Pool, report: ConversionReport,
                  input_specs: Sequence[InputSpec]):
         super().__init__()
         self.gating = gating
         self.value = value
         self.sites: tuple[GateSite, ...] = tuple(sites)
-        self._specs = [s.spec for s in self.sites]
+        self._gate_specs = tuple(s.spec for s in self.sites)
         self.mode = mode
         self.value_input = value_input
         self.pool = pool
         self.report = report
         self.input_specs = list(input_specs)
         self.beta = beta
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_specs" in state:  # saved by relu2dlgn 0.1 (format version 1)
+            state["_gate_specs"] = tuple(state.pop("_specs"))
+        super().__setstate__(state)
 
     # -- configuration -------------------------------------------------------------------------------
     @property
@@ -126,25 +83,44 @@ class DLGN(nn.Module):
             raise ValueError(f"beta must be a finite positive number, got {value}")
         self._beta = value
 
+    @property
+    def gate_specs(self) -> tuple[GateSpec, ...]:
+        """What each site's gate computation needs (kind, hardtanh bounds, pool geometry), in site order."""
+        return self._gate_specs
+
+    def _first_tensor(self) -> torch.Tensor | None:
+        for t in self.parameters():
+            return t
+        for t in self.buffers():
+            return t
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters (CPU for a model without any)."""
+        t = self._first_tensor()
+        return t.device if t is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's floating-point parameters (the default dtype for a model without any)."""
+        for t in self.parameters():
+            if t.is_floating_point():
+                return t.dtype
+        return torch.get_default_dtype()
+
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, value_input={self.value_input!r}, pool={self.pool!r}, beta={self.beta}, " \
                f"sites={len(self.sites)}"
 
     # -- checks ---------------------------------------------------------------------------------------
-    def _reference_tensor(self) -> torch.Tensor | None:
-        for t in self.gating.parameters():
-            return t
-        for t in self.value.parameters():
-            return t
-        return None
-
     def check_inputs(self, inputs: Sequence[Any]) -> None:
-        """Raise :class:`InputError` naming the input and what is wrong with it."""
+        """Raise :class:`InputError` naming the input and what is wrong with it (count, rank, device, dtype)."""
         if len(inputs) != len(self.input_specs):
             names = ", ".join(s.name for s in self.input_specs)
             raise InputError(f"{type(self).__name__} expects {len(self.input_specs)} input(s) ({names}), "
                              f"got {len(inputs)}")
-        ref = self._reference_tensor()
+        ref = self._first_tensor()
         for i, (x, spec) in enumerate(zip(inputs, self.input_specs)):
             if not isinstance(x, torch.Tensor):
                 continue
@@ -156,21 +132,29 @@ class DLGN(nn.Module):
                 if x.device != ref.device:
                     raise InputError(f"input {i} ('{spec.name}') is on {x.device} but the model is on "
                                      f"{ref.device}; move one of them (model.to(device) or x.to(device))")
-                if x.is_floating_point() and x.dtype != ref.dtype and not torch.is_autocast_enabled(x.device.type):
+                dtype = self.dtype
+                if x.is_floating_point() and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
                     raise InputError(f"input {i} ('{spec.name}') has dtype {x.dtype} but the model's parameters "
-                                     f"are {ref.dtype}; convert one of them (x.to({ref.dtype}) or model.to(...))")
+                                     f"are {dtype}; convert one of them (x.to({dtype}) or model.to(...))")
 
-    # -- forward ---------------------------------------------------------------------------------------
+    # -- running the two graphs ---------------------------------------------------------------------------
     def pre_activations(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The gating network's pre-activation ``q_i`` at every gate site."""
         self.check_inputs(inputs)
         return tuple(self.gating(*inputs))
 
-    def gates(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The gates the value network consumes: soft in train mode, hard in eval mode."""
-        hard = not self.training
-        qs = self.pre_activations(*inputs)
-        return tuple(make_gate(spec, q, self._beta, hard) for spec, q in zip(self._specs, qs))
+    def gates_of(self, pre_activations: Sequence[torch.Tensor], *, hard: bool | None = None,
+                 beta: float | torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The gates for given pre-activations: hard (``hard=True``, or ``None`` in eval mode) or soft with
+        sharpness ``beta`` (default ``self.beta``; a 0-d tensor keeps ``torch.compile`` from recompiling)."""
+        hard = (not self.training) if hard is None else hard
+        b = self._beta if beta is None else beta
+        return tuple(make_gate(spec, q, b, hard) for spec, q in zip(self._gate_specs, pre_activations))
+
+    def gates(self, *inputs: torch.Tensor, hard: bool | None = None,
+              beta: float | torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The gates the value network consumes: soft in train mode, hard in eval mode (or as ``hard`` says)."""
+        return self.gates_of(self.pre_activations(*inputs), hard=hard, beta=beta)
 
     def value_inputs(self, *inputs: Any) -> tuple[Any, ...]:
         """``inputs`` themselves, or tensors of ones shaped like them (``value_input="ones"``)."""
@@ -179,12 +163,47 @@ class DLGN(nn.Module):
                          for x in inputs)
         return tuple(inputs)
 
-    def forward(self, *inputs: Any) -> Any:
-        gates = self.gates(*inputs)
+    def value_forward(self, inputs: Sequence[Any], gates: Sequence[torch.Tensor]) -> Any:
+        """The value network on the model's inputs (turned into value inputs) with the given gates."""
         return self.value(*self.value_inputs(*inputs), *gates)
 
+    def run(self, *inputs: Any, hard: bool | None = None, beta: float | torch.Tensor | None = None) -> DLGNOutput:
+        """Run gating network → gates → value network and return all three.
+
+        ``hard``: ``None`` follows the module's mode (soft gates in ``train()``, hard in ``eval()``); ``True`` /
+        ``False`` force hard / soft gates whatever the mode (batch norm still follows the mode).
+        ``beta``: soft-gate sharpness for this call (default ``self.beta``).
+        """
+        qs = self.pre_activations(*inputs)
+        gates = self.gates_of(qs, hard=hard, beta=beta)
+        return DLGNOutput(self.value_forward(inputs, gates), qs, gates)
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.run(*inputs).output
+
     # -- persistence -----------------------------------------------------------------------------------
-    def save(self, path: str) -> None:
-        """Save to directory ``path`` (config.json, model.safetensors, graphs.pt), atomically."""
-        from .serialize import save
-        save(self, path)
+    def config(self) -> dict[str, Any]:
+        """The JSON-serialisable description saved next to the weights (format version, options, sites)."""
+        return {
+            "format_version": serialize.FORMAT_VERSION,
+            "relu2dlgn_version": __version__,
+            "mode": self.mode, "value_input": self.value_input, "pool": self.pool, "beta": self.beta,
+            "training": self.training,
+            "inputs": [s.as_dict() for s in self.input_specs],
+            "sites": [s.as_dict() for s in self.sites],
+            "report": self.report.as_dict(),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save to directory ``path`` (config.json, model.safetensors, graphs.pt), atomically; see
+        :mod:`relu2dlgn.serialize`."""
+        serialize.write_model(self, self.config(), path)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DLGN:
+    """Load a DLGN saved with :meth:`DLGN.save`. Raises :class:`LoadError` naming the file and the problem."""
+    model, _ = serialize.read_model(path, map_location)
+    if not isinstance(model, DLGN):
+        raise LoadError(f"{os.path.join(os.fspath(path), serialize.GRAPHS)}: does not hold a DLGN "
+                        f"(found {type(model).__name__})")
+    return model

@@ -1,4 +1,5 @@
-"""Exception types. Every message names what was wrong and where (module path, node, file)."""
+"""Every exception type of relu2dlgn. Each message names what was wrong and where (module path, node, file,
+option) and, where there is one, the remedy."""
 from __future__ import annotations
 
 
@@ -11,16 +12,28 @@ class ConversionError(Relu2DlgnError, ValueError):
 
 
 class InputError(Relu2DlgnError, ValueError):
-    """A converted model was called with an input it cannot take (rank, dtype, device)."""
+    """A converted model (or a training loop) was given an input it cannot take (rank, dtype, device, batch)."""
 
 
 class SpecialisationError(InputError):
     """The graph was specialised on the example input's shape and this input takes another branch."""
 
 
+class OptionError(Relu2DlgnError, ValueError):
+    """An option (keyword argument, command-line flag or config-file entry) has a value that is not accepted."""
+
+
 class LoadError(Relu2DlgnError, OSError):
-    """A saved DLGN cannot be loaded: missing, truncated, corrupted, mismatched or from a newer format."""
+    """A saved DLGN or checkpoint cannot be loaded: missing, truncated, corrupted, mismatched or newer format."""
 
 
 class ExportError(Relu2DlgnError, RuntimeError):
     """ONNX export failed or did not reproduce the PyTorch model within tolerance."""
+
+
+class DataError(Relu2DlgnError, ValueError):
+    """A dataset cannot be found or read: the message names the dataset, the path and what to do."""
+
+
+class NonFiniteLossError(Relu2DlgnError, RuntimeError):
+    """The loss or the gradient became NaN/inf; training stopped before the bad update was applied."""

@@ -224,7 +224,7 @@ class _ExportModule(nn.Module):
             self.gating = dlgn.gating
         if part in ("fused", "value"):
             self.value = dlgn.value
-        self._specs = list(dlgn._specs)
+        self._specs = list(dlgn.gate_specs)
         self._beta = dlgn.beta
         self._value_inputs = dlgn.value_inputs  # a bound method: not registered as a submodule
 
@@ -575,7 +575,7 @@ def _subgraph_inputs(node: Any) -> set[str]:
 
 
 def _add_metadata(model_proto: Any, dlgn: DLGN, part: str) -> None:
-    from . import __version__
+    from ._version import __version__
 
     meta = {"relu2dlgn.version": __version__, "relu2dlgn.part": part, "relu2dlgn.mode": dlgn.mode,
             "relu2dlgn.value_input": dlgn.value_input, "relu2dlgn.pool": dlgn.pool,
@@ -959,9 +959,8 @@ def export_onnx(
     _check_ceil_mode(dlgn, examples)
     if not all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in examples):
         raise ExportError("example_inputs must be tensors with a leading batch axis")
-    ref = dlgn._reference_tensor()
-    if ref is not None and ref.device.type != "cpu":
-        raise ExportError(f"export_onnx needs the model on the CPU (it is on {ref.device}); call dlgn.cpu() and "
+    if dlgn.device.type != "cpu":
+        raise ExportError(f"export_onnx needs the model on the CPU (it is on {dlgn.device}); call dlgn.cpu() and "
                           f"pass CPU example inputs")
     batch0 = examples[0].shape[0]
     if dynamic_batch and batch0 == 1:
@@ -1132,7 +1131,7 @@ def add_export_parser(sub: Any) -> argparse.ArgumentParser:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``relu2dlgn export``: load, export, verify, print the report."""
-    from .serialize import load
+    from .dlgn import load
 
     dlgn = load(args.saved_dir)
     specs = dlgn.input_specs
@@ -1148,8 +1147,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         shapes = [tuple(s.example_shape[1:]) for s in specs]
     if args.batch < 1:
         raise ExportError(f"--batch must be at least 1, got {args.batch}")
-    ref = dlgn._reference_tensor()
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    dtype = dlgn.dtype
     g = torch.Generator().manual_seed(0)
     examples = tuple(torch.randn((args.batch, *s), generator=g, dtype=dtype) for s in shapes)
     report = export_onnx(dlgn, args.out, examples, dynamic_batch=not args.static_batch, opset=args.opset,

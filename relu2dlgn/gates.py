@@ -27,12 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import functools
-
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
+
+from .types import GateKind
+from .utils.fx import fx_leaf
 
 @dataclass(frozen=True)
 class PoolGeometry:
@@ -81,24 +81,11 @@ class PoolGeometry:
 class GateSpec:
     """What a gate computation needs to know about its site (independent of the graphs)."""
 
-    kind: str
+    kind: GateKind
     lo: float = 0.0
     hi: float = 0.0
     pool: PoolGeometry | None = None
 
-
-def fx_leaf(fn):
-    """Make ``fn`` a leaf for torch.fx: called with proxies it records one ``call_function`` node instead of
-    being traced through (GraphModule unpickling re-traces the generated code, and these bodies branch)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any) -> Any:
-        for a in args:
-            if isinstance(a, fx.Proxy):
-                return a.tracer.create_proxy("call_function", wrapper, args, {})
-        return fn(*args)
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------------------------------

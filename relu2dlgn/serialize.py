@@ -1,33 +1,33 @@
-"""Saving and loading converted models.
+"""The on-disk format of a saved model (it knows nothing of what the module is: :mod:`relu2dlgn.dlgn` gives it
+the module and its config, and checks the class of what it reads back).
 
-A saved DLGN is a directory:
+A saved model is a directory:
 
-* ``config.json`` — format version, conversion options, the gate-site table, the weight manifest;
-* ``model.safetensors`` — every parameter and persistent buffer (``gating.*`` and ``value.*``);
-* ``graphs.pt`` — the module structure (both fx graphs and their submodules) with every tensor in
+* ``config.json`` — format version, the model's options and site table (written by the caller), and the weight
+  manifest (``weights``: name, shape, dtype of every tensor);
+* ``model.safetensors`` — every parameter and persistent buffer;
+* ``graphs.pt`` — the module structure (for a DLGN: both fx graphs and their submodules) with every tensor in
   ``model.safetensors`` replaced by a ``meta`` tensor, so it holds no weights. It is a pickle: load only
   directories you trust, as with any ``torch.load(weights_only=False)``.
 
-The directory is written under a temporary name and renamed into place, so an interrupted save never leaves
-a half-written model at ``path``. An existing save is moved aside (``path.old-*``) only once the new one is
-complete and deleted after the new one is in place; if the process dies between those two renames,
-:func:`load` finds the previous save there.
+The directory is written with :func:`relu2dlgn.utils.fs.atomic_dir`: an interrupted save never leaves a
+half-written model at ``path``, and an existing save is replaced only by a complete one; if the process dies
+between the two renames of the replacement, :func:`read_model` finds the previous save (``path.old-*``).
 """
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._version import __version__
 from .errors import LoadError
+from .utils.fs import atomic_dir, previous_version
 
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, GRAPHS = "config.json", "model.safetensors", "graphs.pt"
@@ -46,10 +46,16 @@ def _skeleton(module: nn.Module) -> nn.Module:
     return skel
 
 
-def save(dlgn: Any, path: str | os.PathLike) -> None:
-    from safetensors.torch import save_file
+def _is_save_dir(path: str) -> bool:
+    return os.path.isdir(path) and (not os.listdir(path) or os.path.exists(os.path.join(path, CONFIG)))
 
-    from . import __version__
+
+def write_model(module: nn.Module, config: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``module`` (weights + weight-less structure) and ``config`` to directory ``path``, atomically.
+
+    Raises ``OSError`` naming ``path`` when it exists and is not a save directory, or its parent cannot be
+    created; nothing is written then."""
+    from safetensors.torch import save_file
 
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
@@ -57,60 +63,34 @@ def save(dlgn: Any, path: str | os.PathLike) -> None:
         os.makedirs(parent, exist_ok=True)
     except OSError as exc:
         raise OSError(f"cannot save to '{path}': cannot create directory '{parent}' ({exc})") from None
-    state = {k: v.detach().contiguous().clone().cpu() for k, v in dlgn.state_dict().items()}
-    config = {
-        "format_version": FORMAT_VERSION,
-        "relu2dlgn_version": __version__,
-        "mode": dlgn.mode, "value_input": dlgn.value_input, "pool": dlgn.pool, "beta": dlgn.beta,
-        "training": dlgn.training,
-        "inputs": [s.as_dict() for s in dlgn.input_specs],
-        "sites": [s.as_dict() for s in dlgn.sites],
-        "report": dlgn.report.as_dict(),
-        "weights": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                    for k, v in state.items()},
-    }
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-    os.chmod(tmp, 0o755)
-    try:
+    if os.path.exists(path) and not _is_save_dir(path):
+        raise OSError(f"cannot save to '{path}': it exists and is not a relu2dlgn save directory")
+    state = {k: v.detach().contiguous().clone().cpu() for k, v in module.state_dict().items()}
+    config = {**config, "weights": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                                    for k, v in state.items()}}
+    with atomic_dir(path) as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "relu2dlgn": __version__})
-        torch.save(_skeleton(dlgn), os.path.join(tmp, GRAPHS))
+        torch.save(_skeleton(module), os.path.join(tmp, GRAPHS))
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(config, f, indent=2)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def _replace_dir(src: str, dst: str) -> None:
-    if os.path.exists(dst):
-        if not os.path.isdir(dst) or (os.listdir(dst) and not os.path.exists(os.path.join(dst, CONFIG))):
-            raise OSError(f"cannot save to '{dst}': it exists and is not a relu2dlgn save directory")
-        old = dst + ".old-" + os.path.basename(src)
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)
+def read_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """``(module, config)`` from a directory written by :func:`write_model`.
 
-
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a DLGN saved with :meth:`DLGN.save`. Raises :class:`LoadError` naming the file and the problem."""
+    Raises :class:`LoadError` naming the file and the problem: no such directory, an unreadable or newer
+    config, a missing/truncated/corrupted weights or graph file, weights of another architecture."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .dlgn import DLGN
-
     path = os.fspath(path)
-    config_path = os.path.join(path, CONFIG)
     if not os.path.exists(path):
-        # a save that replaced an existing model and was interrupted between its two renames left the
-        # previous model as PATH.old-*: it is complete, so load it
-        previous = sorted(glob.glob(glob.escape(path) + ".old-*"), key=os.path.getmtime)
-        if previous and os.path.exists(os.path.join(previous[-1], CONFIG)):
-            warnings.warn(f"'{path}' is missing; loading the previous save '{previous[-1]}' left by an "
-                          f"interrupted save", stacklevel=2)
-            path, config_path = previous[-1], os.path.join(previous[-1], CONFIG)
+        previous = previous_version(path, CONFIG)
+        if previous is not None:
+            warnings.warn(f"'{path}' is missing; loading the previous save '{previous}' left by an interrupted "
+                          f"save", stacklevel=3)
+            path = previous
+    config_path = os.path.join(path, CONFIG)
     if not os.path.isdir(path) or not os.path.exists(config_path):
         raise LoadError(f"'{path}' is not a saved relu2dlgn model (no {CONFIG})")
     try:
@@ -139,22 +119,26 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
         raise LoadError(f"{graphs_path}: missing") from None
     except Exception as exc:  # unpickling raises many types
         raise LoadError(f"{graphs_path}: corrupted or unreadable graph file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(skel, DLGN):
-        raise LoadError(f"{graphs_path}: does not hold a DLGN (found {type(skel).__name__})")
+    if not isinstance(skel, nn.Module):
+        raise LoadError(f"{graphs_path}: does not hold a model (found {type(skel).__name__})")
+    _check_weights(skel, state, weights_path, graphs_path)
+    skel.load_state_dict(state, strict=True, assign=True)
+    skel.to(map_location)
+    return skel, config
+
+
+def _check_weights(skel: nn.Module, state: dict[str, torch.Tensor], weights_path: str, graphs_path: str) -> None:
     expected = skel.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        for title, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                parts.append(f"{len(keys)} {title} (e.g. {', '.join(keys[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} with another shape (e.g. " + ", ".join(
-                f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:3]) + ")")
-        raise LoadError(f"{weights_path}: weights do not match the architecture in {graphs_path}: "
-                        + "; ".join(parts))
-    skel.load_state_dict(state, strict=True, assign=True)
-    skel.to(map_location)
-    return skel
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    for title, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} {title} (e.g. {', '.join(keys[:3])})")
+    if wrong:
+        parts.append(f"{len(wrong)} with another shape (e.g. " + ", ".join(
+            f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:3]) + ")")
+    raise LoadError(f"{weights_path}: weights do not match the architecture in {graphs_path}: " + "; ".join(parts))

@@ -44,15 +44,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .dlgn import DLGN
-from .errors import InputError, Relu2DlgnError
-from .gates import GateSpec, make_gate, pool_windows
+from .errors import InputError, NonFiniteLossError, Relu2DlgnError
+from .gates import GateSpec, pool_windows
 
 CHECKPOINT_DIR, LATEST, METRICS, MODEL_DIR = "checkpoints", "latest.json", "metrics.jsonl", "model"
 WEIGHTS_FILE, STATE_FILE = "model.safetensors", "trainer.pt"
 
 
-class NonFiniteLossError(Relu2DlgnError, RuntimeError):
-    """The loss or the gradient became NaN/inf; training stopped before the bad update was applied."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,10 +277,8 @@ def make_teacher(teacher: nn.Module, example_inputs: Sequence[torch.Tensor] | No
 def forward_with_preactivations(dlgn: DLGN, inputs: Sequence[Any], *, hard: bool,
                                 beta: float | torch.Tensor | None = None) -> tuple[Any, tuple[torch.Tensor, ...]]:
     """``(dlgn output, pre-activations)`` with soft (``hard=False``) or hard gates, whatever the module mode."""
-    qs = tuple(dlgn.gating(*inputs))
-    b = dlgn.beta if beta is None else beta
-    gates = [make_gate(spec, q, b, hard) for spec, q in zip(dlgn._specs, qs)]
-    return dlgn.value(*dlgn.value_inputs(*inputs), *gates), qs
+    r = dlgn.run(*inputs, hard=hard, beta=beta)
+    return r.output, r.pre_activations
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -638,10 +634,8 @@ class _StepModule(nn.Module):
         # beta is a 0-d tensor, not the Python float dlgn.beta, so that torch.compile does not recompile
         # every time the schedule changes it
         if self.frozen_gating:  # fixed gates: hard, from the gating network in eval mode, no graph
-            with torch.no_grad():
-                qs = tuple(self.dlgn.gating(*inputs))
-            gates = [make_gate(s, q, 1.0, True) for s, q in zip(self.dlgn._specs, qs)]
-            return self.dlgn.value(*self.dlgn.value_inputs(*inputs), *gates), qs
+            r = self.dlgn.run(*inputs, hard=True)
+            return r.output, r.pre_activations
         return forward_with_preactivations(self.dlgn, inputs, hard=False, beta=beta)
 
 
@@ -809,7 +803,7 @@ class Trainer:
             parts["kd"] = kd.detach()
         if t_qs is not None and self.pairs:
             self._check_pairs(qs, t_qs)
-            terms = [site_gate_terms(self.dlgn._specs[i], qs[i], t_qs[j], self.dlgn.beta, loss=self.use_gate_loss)
+            terms = [site_gate_terms(self.dlgn.gate_specs[i], qs[i], t_qs[j], self.dlgn.beta, loss=self.use_gate_loss)
                      for i, j in self.pairs]
             parts["agree"] = torch.stack([a for _, a, _ in terms])
             parts["decisions"] = torch.tensor([n for _, _, n in terms], device=logits.device)
@@ -932,7 +926,7 @@ class Trainer:
                     _, t_qs = self.teacher(*inputs)
                     self._check_pairs(qs, t_qs)
                     for k, (a, b) in enumerate(self.pairs):
-                        _, c, tot = site_gate_terms(self.dlgn._specs[a], qs[a], t_qs[b], 1.0, loss=False)
+                        _, c, tot = site_gate_terms(self.dlgn.gate_specs[a], qs[a], t_qs[b], 1.0, loss=False)
                         agree[k] += c
                         totals[k] += tot
             sums[0] += F.cross_entropy(logits, y, reduction="sum").double()

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import relu2dlgn
-from relu2dlgn.capture import capture, split_norm_act
+from relu2dlgn.capture import capture
+from relu2dlgn.leaves import split_norm_act
 from _models import rel_err
 
 

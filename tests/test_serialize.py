@@ -135,3 +135,19 @@ def test_interrupted_replacement_falls_back_to_previous_save(tmp_path, monkeypat
         loaded = relu2dlgn.load(tmp_path / "m")
     x = torch.randn(1, 3, 8, 8)
     assert torch.equal(loaded(x), d1(x))
+
+
+@pytest.mark.parametrize("mode", ["dlgn", "dgn"])
+def test_format_version_1_saves_still_load(mode):
+    """Directories written by relu2dlgn 0.1 (format version 1, committed under tests/data) load and compute what
+    they computed when they were saved; the DGN still equals its source network."""
+    here = os.path.join(os.path.dirname(__file__), "data", "format_v1")
+    ref = torch.load(os.path.join(here, "reference.pt"))
+    loaded = relu2dlgn.load(os.path.join(here, mode))
+    assert json.load(open(os.path.join(here, mode, "config.json")))["format_version"] == 1
+    assert loaded.mode == mode and len(loaded.gate_specs) == len(loaded.sites) == 3
+    with torch.no_grad():
+        out = loaded.eval()(ref["x"])
+    assert torch.equal(out, ref[mode])
+    if mode == "dgn":
+        assert torch.allclose(out, ref["src"], rtol=1e-6, atol=1e-6)

@@ -1,0 +1,1 @@
+"""Private helpers shared by the package: atomic file writes, module-mode context managers, torch.fx leaves."""
