@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import relu2dlgn
 from relu2dlgn.data import load_data, make_loader
-from relu2dlgn.train import finetune, fresh_dlgn, recalibrate_bn
+from relu2dlgn.training import finetune, fresh_dlgn, recalibrate_bn
 from relu2dlgn.zoo import create_model
 
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         model = build()
         t = time.perf_counter()
-        res = finetune(model, train_loader, val_loader, epochs=args.epochs, progress=False, verbose=False,
+        res = finetune(model, train_loader, val_loader, epochs=args.epochs, progress=False,
                        seed=args.seed, **{**options, **kw})
         final = res.final
         rows.append({"row": title, "epochs": args.epochs, "acc": final["val_acc"],

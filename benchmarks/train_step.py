@@ -7,7 +7,7 @@ Rows, each as time / source step time:
 * ``dlgn``           — ``dlgn(x)`` in train mode: the core's soft gates (``sigmoid(beta q)``, soft max-pool);
 * ``dlgn pool=avg``  — converted with ``pool="avg"`` (the authors' choice: no max-pool gate);
 * ``dlgn + distill`` — plus the teacher forward (no grad), logit KD and the gate-agreement loss;
-* ``Trainer`` / ``Trainer (distill)`` — the whole ``relu2dlgn.train.Trainer`` step (soft gates, metrics, NaN guard, beta schedule; with distillation also the teacher, the losses
+* ``Trainer`` / ``Trainer (distill)`` — the whole ``relu2dlgn.training.Trainer`` step (soft gates, metrics, NaN guard, beta schedule; with distillation also the teacher, the losses
   and the gate agreement), timed as an epoch of one batch.
 
 Source and DLGN steps are timed alternately, ``--repeats`` rounds of ``--steps`` steps, and the median round
@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import relu2dlgn
-from relu2dlgn.train import (FinetuneConfig, TeacherTap, Trainer, forward_with_preactivations, kd_loss,
-                             match_sites, site_gate_terms)
+from relu2dlgn.training import FinetuneConfig, TeacherTap, Trainer, kd_loss, match_sites, site_gate_terms
 from relu2dlgn.zoo import create_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +60,7 @@ def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch
         dlgn_avg.to(memory_format=torch.channels_last)
     teacher = TeacherTap(copy.deepcopy(model).eval()).eval()  # its own copy: the source trains meanwhile
     pairs = match_sites(dlgn, teacher.site_nodes, teacher.site_kinds)
-    specs = [s.spec for s in dlgn.sites]
+    specs = dlgn.gate_specs
     opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (source, dlgn, dlgn_avg)}
 
     def plain(m: nn.Module) -> Callable:
@@ -80,7 +79,8 @@ def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch
         with autocast():
             with torch.no_grad():
                 t_logits, t_qs = teacher(x)
-            out, qs = forward_with_preactivations(dlgn, (x,), hard=False)
+            r = dlgn.run(x, hard=False)
+            out, qs = r.output, r.pre_activations
             loss = 0.5 * F.cross_entropy(out.float(), y) + 0.5 * kd_loss(out, t_logits, 4.0)
             loss = loss + torch.stack([site_gate_terms(specs[i], qs[i], t_qs[j], dlgn.beta)[0]
                                        for i, j in pairs]).mean()
@@ -99,8 +99,8 @@ def trainer_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: tor
     distillation from the source network."""
     teacher = copy.deepcopy(model).eval()
     dlgn = relu2dlgn.convert(teacher, example_inputs=x[:2])
-    cfg = FinetuneConfig(epochs=1, progress=False, verbose=False, recalibrate_bn=0, eval_before=False,
-                         device=str(device))
+    cfg = FinetuneConfig.from_options(epochs=1, progress=False, recalibrate_bn=0, eval_before=False,
+                                      device=str(device))
     trainer = Trainer(dlgn, [(x, y)], teacher=teacher if distill else None, config=cfg)
     return lambda: trainer.train_epoch(1)
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import DataError
+from .options import at_least, option
 
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
@@ -31,6 +32,20 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = ("cifar10", "cifar100", "digits", "imagefolder:PATH")
 _VAL_DIRS = ("val", "validation", "test")
 
+
+
+@dataclass
+class DataOptions:
+    """Which data set and how it is loaded (the command line's and config files' data options)."""
+
+    data: str = option("digits", "cifar10, cifar100, digits (offline) or imagefolder:PATH")
+    data_root: str = option("data", "where CIFAR is (or goes with --download)")
+    download: bool = option(False, "download CIFAR if it is not under data_root")
+    image_size: int | None = option(None, "input side (default 32; 224 for imagefolder)", check=at_least(8))
+    channels: Literal[1, 3] | None = option(None, "image channels (default 3)")
+    batch_size: int = option(128, "global batch size (split over the processes)", check=at_least(1))
+    workers: int | None = option(None, "data loader processes (default: 0 for digits, else up to 8)",
+                                 check=at_least(0))
 
 
 @dataclass

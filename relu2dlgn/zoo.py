@@ -3,12 +3,22 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import ConversionError
+from .options import option
+
+
+@dataclass
+class ModelOptions:
+    """Which source network: a model spec and, optionally, its trained weights."""
+
+    model: str | None = option(None, "timm:NAME, torchvision:NAME or package.module:factory", flags=("model",))
+    checkpoint: str | None = option(None, "weights of the source model (.safetensors or .pt)")
 
 
 def create_model(spec: str, num_classes: int | None = None, checkpoint: str | None = None,

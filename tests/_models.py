@@ -20,8 +20,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+from helpers import rel_err  # noqa: F401  (re-exported: older tests import it from here)
 
 
 def build(spec: str) -> nn.Module:
@@ -150,3 +149,9 @@ class MutatesAfterSite(nn.Module):
         y.add_(1.0)
         w = F.relu(y)
         return self.fc((z + w).mean((2, 3)))
+
+
+def source_net(seed: int = 0) -> nn.Module:
+    """A small random source network (TinyNet, 10 classes) with non-trivial batch-norm statistics, eval mode."""
+    torch.manual_seed(seed)
+    return randomize_bn(TinyNet(num_classes=10), seed).eval()

@@ -9,10 +9,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import relu2dlgn
-from relu2dlgn import train as T
+from relu2dlgn.training import checkpoint as T
 from _models import TinyNet, randomize_bn
 
-FAST = {"progress": False, "verbose": False, "recalibrate_bn": 0}
+FAST = {"progress": False, "recalibrate_bn": 0}
 
 
 def _loaders():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from relu2dlgn.cli import main
+from helpers import run_cli as main
 
 
 def test_inspect_timm_resnet18(capsys):

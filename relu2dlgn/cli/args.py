@@ -1,0 +1,78 @@
+"""Command-line flags generated from option dataclasses, ``--config FILE``, and shape arguments.
+
+Every flag comes from one :func:`relu2dlgn.options.option` field: its name (``lr`` → ``--lr``, unless the
+field names its ``flags``), type (``Literal`` → ``choices``; ``bool`` → ``--x/--no-x``; ``tuple[int, ...]`` →
+``3,224,224``), default and help. Precedence when resolving: the field's default < ``--config FILE`` < a flag
+given on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, TypeVar, get_origin
+
+from .. import options as O
+
+T = TypeVar("T")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"3,224,224"`` or ``"3x224x224"`` → ``(3, 224, 224)``; every size a positive integer."""
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 3,224,224, got {text!r}") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 3,224,224, got {text!r}")
+    return dims
+
+
+def _flag_kwargs(leaf: O.LeafOption) -> dict[str, Any]:
+    tp, _ = O.unwrap_optional(leaf.type)
+    members = O.choices(tp)
+    default = leaf.default
+    text = leaf.help + ("" if default in (None, False, True, "") else f" (default: {default})")
+    kw: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS}
+    if leaf.field.metadata.get("metavar"):
+        kw["metavar"] = leaf.field.metadata["metavar"]
+    if members is not None:
+        kw.update(choices=members, type=type(members[0]))
+    elif tp is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif get_origin(tp) is tuple:
+        kw.update(type=parse_shape, metavar=kw.get("metavar", "C,H,W"))
+    elif tp in (int, float, str):
+        kw["type"] = tp
+    return kw
+
+
+def add_options(parser: argparse.ArgumentParser | Any, cls: type, *, skip: tuple[str, ...] = (),
+                grouped: bool = True) -> None:
+    """Add a flag for every command-line option of ``cls`` (groups become argument groups)."""
+    groups: dict[tuple[str, ...], Any] = {}
+    for leaf in O.flat_fields(cls):
+        if leaf.name in skip or not leaf.field.metadata.get("cli", True):
+            continue
+        target = parser
+        if grouped and leaf.path:
+            target = groups.get(leaf.path) or groups.setdefault(
+                leaf.path, parser.add_argument_group(".".join(leaf.path)))
+        flags = leaf.field.metadata.get("flags") or ("--" + leaf.name.replace("_", "-"),)
+        kw = _flag_kwargs(leaf)
+        if flags[0].startswith("-"):
+            target.add_argument(*flags, dest=leaf.name, **kw)
+        else:
+            target.add_argument(leaf.name, nargs="?", **kw)
+
+
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="TOML, YAML or JSON file setting any option (flags given here override it)")
+
+
+def resolve(cls: type[T], args: argparse.Namespace, *, what: str = "option") -> T:
+    """The options of ``cls``: defaults, then ``args.config`` (a file), then the flags given in ``args``."""
+    config = getattr(args, "config", None)
+    base = O.from_dict(cls, O.load_file(config), what=what, source=config) if config else None
+    given = {leaf.name: getattr(args, leaf.name) for leaf in O.flat_fields(cls) if hasattr(args, leaf.name)}
+    return O.from_flat(cls, base, what=what, **given)
+

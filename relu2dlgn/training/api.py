@@ -1,0 +1,69 @@
+"""``relu2dlgn.finetune(dlgn, train_loader, val_loader, teacher=model)`` and ``fresh_dlgn``."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..convert import convert
+from ..dlgn import DLGN
+from ..options import flat_fields
+from .config import FinetuneConfig
+from .results import FinetuneResult
+from .teacher import Teacher
+from .trainer import Trainer
+
+
+def finetune(dlgn: DLGN, train_loader: Iterable, val_loader: Iterable | None = None, *,
+             teacher: nn.Module | Teacher | None = None, epochs: int = 5, config: FinetuneConfig | None = None,
+             example_inputs: Sequence[torch.Tensor] | None = None, leaf_modules: Iterable[type | str] = (),
+             **options: Any) -> FinetuneResult:
+    """Fine-tune a converted DLGN in place on a classification task.
+
+    ``train_loader`` / ``val_loader`` yield ``(inputs, class indices)``; the model's output must be logits.
+    With ``teacher`` (the source network — or a DLGN/DGN — converted into ``dlgn``), the loss is
+
+        ``(1 - a) CE(z, y) + a T^2 KL(softmax(t/T) || softmax(z/T)) + lambda * mean_sites BCE(sigmoid(beta q), 1(q^T > 0))``
+
+    (``a = kd_weight = 0.5``, ``T = temperature = 4``, ``lambda = gate_weight = 1``; max-pool and hardtanh
+    sites use the matching cross-entropies, see :mod:`relu2dlgn.training.losses`), otherwise ``CE(z, y)``. Soft
+    gates ``sigmoid(beta q)`` in training with ``beta`` annealed from ``dlgn.beta`` to three times that;
+    validation with hard gates. Every :class:`FinetuneConfig` option can be passed as a keyword by its name
+    (``lr=...``, ``freeze_gating=True``, ``out_dir=...``, ``resume=True``, ...), or all of them as ``config``.
+    ``leaf_modules``: those the DLGN was converted with, so that the teacher is traced alike.
+
+    Returns a :class:`FinetuneResult` (per-epoch history, best validation accuracy, one-line summary).
+    Raises :class:`~relu2dlgn.NonFiniteLossError` if the loss becomes NaN/inf (the last checkpoint stays intact).
+
+    Example::
+
+        dlgn = relu2dlgn.convert(model)
+        result = relu2dlgn.finetune(dlgn, train_loader, val_loader, teacher=model, epochs=3, out_dir="runs/x")
+        result.best_val_acc, result.final["val_gate_agreement"]
+    """
+    if config is None:
+        names = {leaf.name for leaf in flat_fields(FinetuneConfig)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"finetune() got unknown option(s) {', '.join(unknown)}; valid options: "
+                            f"{', '.join(sorted(names))}")
+        config = FinetuneConfig.from_options(epochs=epochs, **options)
+    elif options:
+        raise TypeError("pass either config=FinetuneConfig(...) or keyword options, not both")
+    trainer = Trainer(dlgn, train_loader, val_loader, teacher=teacher, config=config, example_inputs=example_inputs,
+                      teacher_leaf_modules=leaf_modules)
+    return trainer.fit()
+
+
+def fresh_dlgn(make_model: Callable[[], nn.Module], seed: int = 0, **convert_kwargs: Any) -> DLGN:
+    """A DLGN trained from scratch starts here: gating and value networks with *independent* random
+    initialisations (``make_model()`` under seeds ``seed`` and ``seed + 1``), the model's own init scheme."""
+    torch.manual_seed(seed)
+    dlgn = convert(make_model(), **convert_kwargs)
+    torch.manual_seed(seed + 1)
+    other = convert(make_model(), **convert_kwargs)
+    value_state = {k: v for k, v in other.state_dict().items() if k.startswith("value.")}
+    dlgn.load_state_dict(value_state, strict=False)
+    return dlgn
+

@@ -1,0 +1,83 @@
+"""The training objective's terms: logit distillation and per-site gate agreement.
+
+For a batch with labels ``y``, DLGN logits ``z`` (soft gates ``sigmoid(beta q)``) and, with a teacher (the
+source network), its logits ``t`` and its pre-activations ``q^T``::
+
+    L = (1 - a) CE(z, y) + a T^2 KL(softmax(t / T) || softmax(z / T))          (logit distillation, "kd")
+        + lambda * mean_i  L_gate,i                                               (gate agreement)
+
+    L_gate,i = mean BCE(sigmoid(beta q_i), 1(q^T_i > 0))                          relu / leaky_relu / prelu
+             = mean over both thresholds of BCE(sigmoid(beta (q_i - c)), 1(q^T_i > c)), c in {lo, hi}
+                                                                                  hardtanh / relu6
+             = mean CE(softmax over the window of beta q_i, arg max of q^T_i)     max-pool
+
+so each site's soft gates are pulled towards the source network's own on/off pattern, every site weighted
+equally. *Gate agreement* is the fraction of hard gate decisions (on/off, the linear piece, the max-pool arg
+max) where the DLGN equals the teacher.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..gates import GateSpec, pool_windows
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student.float() / t, dim=1), F.log_softmax(teacher.float() / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def site_gate_terms(spec: GateSpec, q: torch.Tensor, q_teacher: torch.Tensor, beta: float | torch.Tensor, *,
+                    loss: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """One site's gate-agreement loss and agreement count against the teacher's pre-activation ``q^T``.
+
+    Loss (see the module docstring): the BCE of the soft gates ``sigmoid(beta (q - c))`` against the teacher's
+    0/1 pattern ``1(q^T > c)`` for each threshold ``c`` of the site (0 for the ReLU family; lo and hi for
+    hardtanh), or for max-pool the cross-entropy of each window's soft-max ``softmax(beta q)`` against the
+    window's teacher arg max. Agreement: the number of hard gate decisions that equal the teacher's (on/off,
+    the linear piece for hardtanh, the arg max for max-pool) and the number of decisions.
+
+    Returns ``(loss or None, agreeing decisions, decisions)``.
+    """
+    q, qt = q.float(), q_teacher.float()
+    if spec.kind in ("relu", "leaky_relu", "prelu", "hardtanh"):
+        if spec.kind == "hardtanh":
+            z, target = torch.stack([q - spec.lo, q - spec.hi]), torch.stack([qt > spec.lo, qt > spec.hi])
+            agree = ((z > 0) == target).all(0)
+        else:
+            z, target = q, qt > 0
+            agree = (z > 0) == target
+        value = F.binary_cross_entropy_with_logits(beta * z, target.float()) if loss else None
+        return value, agree.sum(), agree.numel()
+    if spec.kind == "maxpool":
+        geo = spec.pool
+        assert geo is not None
+        windows, t_windows = pool_windows(q, geo, -math.inf), pool_windows(qt, geo, -math.inf)  # (N, C, K, *O)
+        # max(...).indices: the first maximum like argmax, but several times faster over a non-trailing axis
+        target = t_windows.max(2).indices
+        agree = windows.detach().max(2).indices == target
+        value = None
+        if loss:
+            value = F.cross_entropy((windows * beta).flatten(0, 1), target.flatten(0, 1))
+        return value, agree.sum(), agree.numel()
+    raise ValueError(f"unknown gate kind {spec.kind!r}")
+
+
+def select_logits(out: Any) -> torch.Tensor:
+    """The logits tensor of a classifier's output: the output itself, element 0 of a tuple/list, or
+    ``out["logits"]``. Raises :class:`InputError` for anything else."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    raise InputError(f"fine-tuning needs a classifier whose output is a logits tensor (N, classes); "
+                     f"the model returned {type(out).__name__}")

@@ -1,0 +1,429 @@
+"""The fine-tuning loop: :class:`Trainer` (the objective is in :mod:`relu2dlgn.training.losses`)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..dlgn import DLGN
+from ..errors import InputError, LoadError, NonFiniteLossError, OptionError
+from ..options import to_dict, validate
+from .batches import split_batch, to_device
+from .checkpoint import MODEL_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import FinetuneConfig
+from .distributed import (all_gather_objects, all_reduce_sum, barrier, distributed_loader, is_distributed,
+                          rank_and_world)
+from .losses import kd_loss, select_logits, site_gate_terms
+from .metrics import EpochSums, MetricsFile, format_record, summary_line
+from .optim import group_lrs, make_optimizer, make_scheduler
+from .results import FinetuneResult
+from .rng import rng_state, seed_all, set_rng_state
+from .schedules import beta_at
+from .teacher import Teacher, make_teacher, match_sites
+
+log = logging.getLogger(__name__)
+
+
+class _StepModule(nn.Module):
+    """What DistributedDataParallel wraps: one forward of the DLGN returning (output, pre-activations).
+
+    ``beta`` is a 0-d tensor, not the Python float ``dlgn.beta``, so that torch.compile does not recompile
+    every time the schedule changes it. With frozen gating the gates are hard (the gating network is in eval
+    mode and has no trainable parameter)."""
+
+    def __init__(self, dlgn: DLGN, frozen_gating: bool):
+        super().__init__()
+        self.dlgn = dlgn
+        self.frozen_gating = frozen_gating
+
+    def forward(self, beta: torch.Tensor, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        r = self.dlgn.run(*inputs, hard=self.frozen_gating, beta=beta)
+        return r.output, r.pre_activations
+
+
+class Trainer:
+    """Fine-tunes a :class:`~relu2dlgn.DLGN` in place. ``Trainer(dlgn, train_loader, val_loader, teacher=model,
+    config=FinetuneConfig(...)).fit()``; see :func:`relu2dlgn.finetune` for the objective and the files.
+
+    Under ``torchrun`` (a process group initialised, e.g. by :func:`~relu2dlgn.training.init_distributed`) the
+    model is wrapped in ``DistributedDataParallel``; loaders without a ``DistributedSampler`` get one (their
+    ``batch_size`` is per process); metrics are reduced over all processes and only rank 0 writes files.
+    ``teacher_leaf_modules``: the ``leaf_modules`` the DLGN was converted with, to trace the teacher alike.
+    """
+
+    def __init__(self, dlgn: DLGN, train_loader: Iterable, val_loader: Iterable | None = None, *,
+                 teacher: nn.Module | Teacher | None = None, config: FinetuneConfig | None = None,
+                 example_inputs: Sequence[torch.Tensor] | None = None,
+                 teacher_leaf_modules: Iterable[type | str] = ()):
+        if not isinstance(dlgn, DLGN):
+            raise InputError(f"finetune() trains a relu2dlgn.DLGN (from relu2dlgn.convert), got {type(dlgn).__name__}")
+        self.cfg = cfg = config or FinetuneConfig()
+        validate(cfg, what="finetune option")
+        self.dlgn = dlgn
+        self.distributed = is_distributed()
+        self.rank, self.world = rank_and_world()
+        self.main = self.rank == 0
+        self.device = self._pick_device()
+        self._setup_loaders(train_loader, val_loader)
+        rt = cfg.runtime
+        self.amp = rt.amp if rt.amp is not None else self.device.type == "cuda"
+        has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in dlgn.modules())
+        self.channels_last = rt.channels_last if rt.channels_last is not None else \
+            (self.device.type == "cuda" and has_conv)
+        dlgn.to(self.device)
+        if self.channels_last:
+            dlgn.to(memory_format=torch.channels_last)
+        self._setup_teacher(teacher, example_inputs, teacher_leaf_modules)
+        self._setup_optimisation()
+        self.metrics = MetricsFile(cfg.output.out_dir if self.main else None)
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self._checked_pairs = False
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def _pick_device(self) -> torch.device:
+        name = self.cfg.runtime.device
+        if name is not None:
+            dev = torch.device(name)
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise OptionError(f"finetune option device={name!r}: CUDA is not available here")
+        elif torch.cuda.is_available():
+            dev = torch.device("cuda", torch.cuda.current_device())
+        else:
+            dev = torch.device("cpu")
+        if self.distributed and dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        return dev
+
+    def _setup_loaders(self, train_loader: Iterable, val_loader: Iterable | None) -> None:
+        if self.distributed and isinstance(train_loader, DataLoader):
+            train_loader = distributed_loader(train_loader, train=True, seed=self.cfg.output.seed or 0)
+            if isinstance(val_loader, DataLoader):
+                val_loader = distributed_loader(val_loader, train=False, seed=0)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        try:
+            self.steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+        except TypeError:
+            raise InputError("train_loader must have a length (a DataLoader over a map-style dataset)") from None
+        if self.steps_per_epoch == 0:
+            raise InputError("train_loader yields no batch (dataset smaller than one batch with drop_last?)")
+        self.total_steps = self.cfg.epochs * self.steps_per_epoch
+
+    def _setup_teacher(self, teacher: Any, example_inputs: Sequence[torch.Tensor] | None,
+                       leaf_modules: Iterable[type | str]) -> None:
+        d = self.cfg.distillation
+        self.distill = d.distill if d.distill is not None else teacher is not None
+        if self.distill and teacher is None:
+            raise OptionError("finetune option distill=True needs a teacher (the source network)")
+        self.teacher: Teacher | None = None
+        self.pairs: list[tuple[int, int]] = []
+        if teacher is not None:
+            if isinstance(teacher, nn.Module):
+                teacher = teacher.to(self.device)
+                if self.channels_last:
+                    teacher.to(memory_format=torch.channels_last)
+            examples = tuple(to_device(e, self.device) for e in example_inputs) if example_inputs else None
+            self.teacher = make_teacher(teacher, examples, leaf_modules)
+            self.pairs = match_sites(self.dlgn, self.teacher.site_nodes, self.teacher.site_kinds)
+        self.use_kd = self.distill and d.kd_weight > 0
+        self.use_gate_loss = self.distill and d.gate_weight > 0 and not self.cfg.gates.freeze_gating
+
+    def _setup_optimisation(self) -> None:
+        cfg, dlgn = self.cfg, self.dlgn
+        for p in dlgn.gating.parameters():
+            p.requires_grad_(not cfg.gates.freeze_gating)
+        for p in dlgn.value.parameters():
+            p.requires_grad_(not cfg.gates.freeze_value)
+        self.optimizer = make_optimizer(dlgn, cfg.optim)
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.optim.warmup_fraction)
+        g = cfg.gates
+        self.beta_start = g.beta_start if g.beta_start is not None else dlgn.beta
+        self.beta_end = g.beta_end if g.beta_end is not None else 3.0 * self.beta_start
+        if g.beta_schedule == "constant":
+            self.beta_end = self.beta_start
+        self.step_module: nn.Module = _StepModule(dlgn, g.freeze_gating)
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_module = DDP(self.step_module, device_ids=ids)
+        if cfg.runtime.compile:
+            self.step_module = torch.compile(self.step_module)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _set_train_mode(self) -> None:
+        self.dlgn.train()
+        if self.cfg.gates.freeze_gating:
+            self.dlgn.gating.eval()
+        if self.cfg.gates.freeze_value:
+            self.dlgn.value.eval()
+
+    def _inputs(self, batch: Any) -> tuple[tuple[Any, ...], torch.Tensor]:
+        inputs, y = split_batch(batch)
+        inputs = tuple(to_device(x, self.device, self.channels_last) for x in inputs)
+        return inputs, y.to(self.device, non_blocking=True)
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, qs: Sequence[torch.Tensor], t_logits: Any,
+              t_qs: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d = self.cfg.distillation
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.optim.label_smoothing)
+        parts = {"ce": ce.detach()}
+        loss = ce
+        if self.use_kd:
+            kd = kd_loss(logits, select_logits(t_logits), d.temperature)
+            loss = (1 - d.kd_weight) * ce + d.kd_weight * kd
+            parts["kd"] = kd.detach()
+        if t_qs is not None and self.pairs:
+            terms = self._gate_terms(qs, t_qs, self.dlgn.beta, self.use_gate_loss)
+            parts["agree"] = torch.stack([a for _, a, _ in terms])
+            parts["decisions"] = torch.tensor([n for _, _, n in terms], device=logits.device)
+            if self.use_gate_loss:
+                g = torch.stack([t for t, _, _ in terms]).mean()  # type: ignore[misc]
+                loss = loss + d.gate_weight * g
+                parts["gate"] = g.detach()
+        parts["loss"] = loss.detach()
+        return loss, parts
+
+    def _gate_terms(self, qs: Sequence[torch.Tensor], t_qs: Sequence[torch.Tensor], beta: float,
+                    loss: bool) -> list[tuple[torch.Tensor | None, torch.Tensor, int]]:
+        if not self._checked_pairs:
+            for i, j in self.pairs:
+                if qs[i].shape != t_qs[j].shape:
+                    s = self.dlgn.sites[i]
+                    raise InputError(f"site {i} ({s.kind} '{s.node}' at {s.module_path or '<root>'}): the DLGN's "
+                                     f"pre-activation has shape {tuple(qs[i].shape)}, the teacher's "
+                                     f"{tuple(t_qs[j].shape)}; the teacher is not the model the DLGN was "
+                                     f"converted from")
+            self._checked_pairs = True
+        specs = self.dlgn.gate_specs
+        return [site_gate_terms(specs[i], qs[i], t_qs[j], beta, loss=loss) for i, j in self.pairs]
+
+    def _train_step(self, inputs: tuple[Any, ...], y: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        with self._autocast():
+            t_logits, t_qs = None, None
+            if self.teacher is not None and (self.use_kd or self.use_gate_loss):
+                with torch.no_grad():
+                    t_logits, t_qs = self.teacher(*inputs)
+            beta = torch.tensor(self.dlgn.beta, dtype=torch.float32, device=self.device)
+            out, qs = self.step_module(beta, *inputs)
+            logits = select_logits(out)
+            loss, parts = self._loss(logits, y, qs, t_logits, t_qs)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, parts, logits
+
+    def _grad_norm(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.cfg.optim.max_grad_norm:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: foreach kernels
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+    # -- one epoch --------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training loader; returns the epoch's training metrics (reduced over processes)."""
+        self._set_train_mode()
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        sums = EpochSums(len(self.pairs), self.device)
+        bar = self._bar(self.train_loader, f"epoch {epoch}/{self.cfg.epochs}", self.steps_per_epoch)
+        t0 = time.perf_counter()
+        for i, batch in enumerate(bar):
+            self.dlgn.beta = beta_at(self.step, self.total_steps, self.beta_start, self.beta_end,
+                                     self.cfg.gates.beta_schedule)
+            inputs, y = self._inputs(batch)
+            loss, parts, logits = self._train_step(inputs, y)
+            norm = self._grad_norm(params)
+            bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)).float()
+            if all_reduce_sum(bad).item():
+                self._non_finite(epoch, i, loss, norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            sums.add(parts, logits, y)
+            if "agree" in parts:
+                sums.add_agreement(parts["agree"], parts["decisions"])
+            if self.main and self.cfg.runtime.progress and i % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", beta=f"{self.dlgn.beta:.3g}")
+        elapsed = time.perf_counter() - t0
+        sums.reduce()
+        rec: dict[str, Any] = {"train_loss": sums.mean("loss"), "train_ce": sums.mean("ce")}
+        if self.use_kd:
+            rec["train_kd"] = sums.mean("kd")
+        if self.use_gate_loss:
+            rec["train_gate_loss"] = sums.mean("gate")
+        rec["train_acc"] = sums.accuracy()
+        agreement = sums.agreement()
+        if self.pairs and agreement is not None:  # the teacher ran in training (distillation)
+            rec["train_gate_agreement"] = agreement
+        rec["throughput"] = sums.count / elapsed
+        rec["epoch_time"] = elapsed
+        return rec
+
+    def _non_finite(self, epoch: int, i: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        where = self.cfg.output.out_dir and latest_checkpoint(self.cfg.output.out_dir)
+        last = (f"The last good checkpoint is intact: {where} (resume with --resume / resume=True, e.g. with a "
+                f"lower learning rate)." if where else "No checkpoint was written (no out_dir, or before epoch 1).")
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch}, batch {i + 1}/{self.steps_per_epoch} (global step {self.step + 1}): "
+            f"loss={loss.item():.4g}, gradient norm={norm.item():.4g}, beta={self.dlgn.beta:.4g}. Training stopped "
+            f"before this update was applied. {last} Check the inputs for NaN/inf, or lower lr / beta_end, or "
+            f"set max_grad_norm.")
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable | None = None) -> dict[str, Any]:
+        """Validation with hard gates (``dlgn.eval()``): loss, accuracy and, with a teacher, the gate agreement
+        overall and per site. Leaves the DLGN in eval mode."""
+        loader = self.val_loader if loader is None else loader
+        if loader is None:
+            return {}
+        self.dlgn.eval()
+        sums = EpochSums(len(self.pairs), self.device)
+        for batch in self._bar(loader, "validate", None, leave=False):
+            inputs, y = self._inputs(batch)
+            with self._autocast():
+                r = self.dlgn.run(*inputs, hard=True)
+                logits = select_logits(r.output).float()
+                if self.teacher is not None and self.pairs:
+                    _, t_qs = self.teacher(*inputs)
+                    terms = self._gate_terms(r.pre_activations, t_qs, 1.0, False)
+                    sums.add_agreement(torch.stack([a for _, a, _ in terms]).double(),
+                                       torch.tensor([n for _, _, n in terms], device=self.device))
+            sums.add({"loss": F.cross_entropy(logits, y)}, logits, y)
+        sums.reduce()
+        rec: dict[str, Any] = {"val_loss": sums.mean("loss"), "val_acc": sums.accuracy()}
+        if self.teacher is not None and self.pairs:
+            rec["val_gate_agreement"] = sums.agreement() or 0.0
+            rec["val_gate_agreement_per_site"] = sums.agreement_per_site()
+        return rec
+
+    def _bar(self, it: Iterable, desc: str, total: int | None, leave: bool = True) -> Any:
+        from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() on the loader an extra time
+        return tqdm(it, desc=desc, total=total, leave=leave, dynamic_ncols=True,
+                    disable=not (self.cfg.runtime.progress and self.main))
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def _loader_generator(self) -> torch.Generator | None:
+        """The training loader's own shuffling generator (``DataLoader(..., generator=g)``), if it has one:
+        its state is part of the random streams a resumed run must continue."""
+        gen = getattr(self.train_loader, "generator", None)
+        return gen if isinstance(gen, torch.Generator) else None
+
+    def _trainer_state(self) -> dict[str, Any]:
+        rngs = all_gather_objects(rng_state(self._loader_generator()))  # collective: every rank calls it
+        return {"epoch": self.epoch, "step": self.step, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "beta": self.dlgn.beta,
+                "beta_start": self.beta_start, "beta_end": self.beta_end, "history": self.history,
+                "rng": rngs, "world_size": self.world, "config": to_dict(self.cfg)}
+
+    def save_checkpoint(self) -> str | None:
+        """Checkpoint the epoch just finished (rank 0 writes; every process waits for it)."""
+        state = self._trainer_state()
+        path = None
+        out_dir = self.cfg.output.out_dir
+        if self.main and out_dir:
+            path = save_checkpoint(out_dir, self.epoch, self.dlgn.state_dict(), state,
+                                   self.cfg.output.keep_checkpoints)
+        barrier()
+        return path
+
+    def resume(self) -> None:
+        """Load the newest checkpoint of ``out_dir``: weights, optimiser, schedule, step, beta, history, RNG."""
+        out_dir = self.cfg.output.out_dir
+        assert out_dir
+        path = latest_checkpoint(out_dir)
+        if path is None:
+            raise InputError(f"resume: no checkpoint under '{os.path.join(out_dir, 'checkpoints')}' "
+                             f"(run without resume to start)")
+        weights, state = load_checkpoint(path, self.device)
+        result = self.dlgn.load_state_dict(weights, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise LoadError(f"resume: checkpoint '{path}' does not match this DLGN: missing "
+                            f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise LoadError(f"resume: the optimiser state in '{path}' does not fit this run's parameter groups "
+                            f"(frozen networks or optimizer changed?): {exc}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.beta_start, self.beta_end = state["beta_start"], state["beta_end"]
+        self.dlgn.beta = state["beta"]
+        self.history = list(state["history"])
+        rngs = state["rng"]
+        if len(rngs) == self.world:
+            set_rng_state(rngs[self.rank], self._loader_generator())
+        elif self.main:
+            log.warning("checkpoint was written by %d process(es), now %d: the random streams restart (training "
+                        "continues, not bit-for-bit)", len(rngs), self.world)
+        self.metrics.rewrite(self.history)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def fit(self) -> FinetuneResult:
+        """Train for ``config.epochs`` epochs (from the last checkpoint with ``resume``)."""
+        cfg = self.cfg
+        if cfg.output.out_dir and self.main:
+            os.makedirs(cfg.output.out_dir, exist_ok=True)
+        if cfg.output.resume:
+            self.resume()
+        else:
+            self._start()
+        start = time.perf_counter()
+        for epoch in range(self.epoch + 1, cfg.epochs + 1):
+            lrs = group_lrs(self.optimizer)
+            rec = {"epoch": epoch, **self.train_epoch(epoch)}
+            rec.update(self.evaluate())
+            rec.update({"step": self.step, "beta": self.dlgn.beta, **lrs})
+            self.epoch = epoch
+            self._record(rec)
+            self.save_checkpoint()
+        elapsed = time.perf_counter() - start
+        self.dlgn.eval()
+        model_dir = os.path.join(cfg.output.out_dir, MODEL_DIR) if cfg.output.out_dir else None
+        if model_dir and self.main:
+            self.dlgn.save(model_dir)
+        barrier()
+        summary = summary_line(self.history, self.epoch, self.step, elapsed, model_dir)
+        if self.main:
+            log.info(summary)
+        return FinetuneResult.of(self.history, cfg.output.out_dir, summary)
+
+    def _start(self) -> None:
+        """A fresh run: seeds, an empty metrics file, batch-norm re-estimation, the epoch-0 evaluation."""
+        from .bn import recalibrate_bn
+
+        cfg = self.cfg
+        if cfg.output.seed is not None:
+            seed_all(cfg.output.seed + self.rank)
+        self.metrics.rewrite([])
+        unfrozen = [n for n, frozen in (("gating", cfg.gates.freeze_gating), ("value", cfg.gates.freeze_value))
+                    if not frozen]
+        if cfg.gates.recalibrate_bn:
+            recalibrate_bn(self.dlgn, self.train_loader, cfg.gates.recalibrate_bn, self.device, unfrozen)
+        if cfg.output.eval_before and self.val_loader is not None:
+            self._record({"epoch": 0, "step": 0, **self.evaluate(), "beta": self.dlgn.beta})
+
+    def _record(self, rec: dict[str, Any]) -> None:
+        rec["time"] = time.time()
+        self.history.append(rec)
+        if self.main:
+            self.metrics.append(rec)
+            log.info(format_record(rec))

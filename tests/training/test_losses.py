@@ -1,0 +1,57 @@
+"""relu2dlgn.training.losses and .schedules: the objective's terms against closed forms."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from relu2dlgn.gates import GateSpec, PoolGeometry, pool_windows
+from relu2dlgn.training import beta_at, kd_loss, lr_factor, site_gate_terms
+
+
+def test_gate_terms_math():
+    q = torch.tensor([[-1.0, 0.5, 2.0, -0.2]])
+    qt = torch.tensor([[-3.0, 1.0, -1.0, 0.3]])
+    beta = 4.0
+    loss, agree, n = site_gate_terms(GateSpec("relu"), q, qt, beta)
+    s = torch.sigmoid(beta * q)
+    t = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+    assert torch.allclose(loss, -(t * s.log() + (1 - t) * (1 - s).log()).mean())
+    assert (agree.item(), n) == (2, 4)
+    # hardtanh: the piece (below lo, linear, above hi) must agree
+    ht = GateSpec("hardtanh", lo=-1.0, hi=1.0)
+    _, agree, n = site_gate_terms(ht, torch.tensor([-2.0, 0.0, 2.0, 0.5]), torch.tensor([-1.5, 0.9, 0.0, 3.0]), 1.0)
+    assert (agree.item(), n) == (2, 4)
+    # max-pool: cross-entropy of the window soft-max against the teacher's arg max
+    geo = PoolGeometry.make(2, 2)
+    mp = GateSpec("maxpool", pool=geo)
+    q = torch.tensor([[[[1.0, 2.0], [0.0, -1.0]]]])
+    qt = torch.tensor([[[[5.0, 0.0], [0.0, 0.0]]]])
+    loss, agree, n = site_gate_terms(mp, q, qt, 2.0)
+    assert torch.allclose(loss, -torch.log_softmax(2.0 * q.flatten(), 0)[0])
+    assert (agree.item(), n) == (0, 1)
+    assert site_gate_terms(mp, q, q, 1.0, loss=False)[1].item() == 1
+    # larger windows, 2-d and 1-d, against pool_windows (window axis 2) with the window axis made last
+    for ndim, shape in ((2, (2, 3, 9, 10)), (1, (2, 3, 11))):
+        geo = PoolGeometry.make(ndim, 3, 2, 1)
+        q, qt = torch.randn(shape), torch.randn(shape)
+        wq, wt = pool_windows(q, geo, -math.inf).movedim(2, -1), pool_windows(qt, geo, -math.inf).movedim(2, -1)
+        ref = F.cross_entropy((3.0 * wq).reshape(-1, wq.shape[-1]), wt.argmax(-1).reshape(-1))
+        loss, agree, n = site_gate_terms(GateSpec("maxpool", pool=geo), q, qt, 3.0)
+        assert torch.allclose(loss, ref, atol=1e-6)
+        assert agree.item() == (wq.argmax(-1) == wt.argmax(-1)).sum().item() and n == wt[..., 0].numel()
+
+
+def test_kd_loss_and_schedules():
+    z = torch.randn(5, 7)
+    assert kd_loss(z, z, 4.0).abs().item() < 1e-6
+    t = torch.randn(5, 7)
+    p_t = F.softmax(t / 2, 1)
+    ref = (p_t * (p_t.log() - F.log_softmax(z / 2, 1))).sum(1).mean() * 4
+    assert torch.allclose(kd_loss(z, t, 2.0), ref, atol=1e-6)
+    assert beta_at(0, 11, 4, 36, "geometric") == 4 and math.isclose(beta_at(10, 11, 4, 36, "geometric"), 36)
+    assert math.isclose(beta_at(5, 11, 4, 36, "geometric"), 12)
+    assert beta_at(5, 11, 4, 36, "linear") == 20 and beta_at(7, 11, 4, 36, "constant") == 4
+    assert lr_factor(0, 100, 10) == 0.1 and lr_factor(9, 100, 10) == 1.0
+    assert math.isclose(lr_factor(55, 100, 10), 0.5) and lr_factor(100, 100, 10) < 1e-12

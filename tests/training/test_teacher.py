@@ -1,0 +1,66 @@
+"""relu2dlgn.training.teacher: the source's output and pre-activations in one pass; site matching."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import relu2dlgn
+from _models import source_net
+from relu2dlgn.training import TeacherTap, match_sites
+
+
+def test_teacher_tap_is_source_output_and_preactivations():
+    model = source_net()
+    x = torch.randn(3, 3, 16, 16)
+    tap = TeacherTap(model)
+    dgn = relu2dlgn.convert(model, mode="dgn").eval()
+    with torch.no_grad():
+        out, qs = tap(x)
+        ref_qs = dgn.pre_activations(x)
+        ref = model(x)
+    assert torch.equal(out, ref)
+    assert len(qs) == len(ref_qs) == 3  # relu, maxpool, relu (the in-place ReLU module called twice)
+    for a, b in zip(qs, ref_qs):
+        assert torch.equal(a, b)
+    assert (qs[0] < 0).any()  # a clone before the in-place ReLU, not its output
+    assert tap.site_nodes == [s.node for s in dgn.sites]
+    assert model.training is False and all(not p.requires_grad or True for p in tap.parameters())
+
+
+def test_teacher_tap_leaves_the_batch_alone():
+    class InPlaceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            x.relu_()  # mutates the caller's batch
+            return self.conv(x).relu().mean((2, 3))
+
+    x = torch.randn(2, 3, 8, 8)
+    keep = x.clone()
+    tap = TeacherTap(InPlaceFirst().eval())
+    assert tap.mutates_input and not TeacherTap(source_net()).mutates_input
+    out, qs = tap(x)
+    assert torch.equal(x, keep) and len(qs) == 2
+
+
+def test_match_sites_by_name_and_clear_error():
+    model = source_net()
+    dlgn_avg = relu2dlgn.convert(model, pool="avg")  # no max-pool site
+    tap = TeacherTap(model)
+    assert match_sites(dlgn_avg, tap.site_nodes, tap.site_kinds) == [(0, 0), (1, 2)]
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return F.relu(self.conv(x)).mean((2, 3))
+
+    other = TeacherTap(Other())
+    with pytest.raises(relu2dlgn.InputError, match=r"teacher's gate sites do not match.*site 1 \(relu 'relu_1'"):
+        match_sites(dlgn_avg, other.site_nodes, other.site_kinds)
