@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gates as G
-from .sites import Classified, GateSite, is_inplace
+from .sites import Classified, is_inplace
 
 _FRESH_MODULES: tuple[type, ...] = (
     nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
@@ -84,13 +83,6 @@ def alias_analysis(graph: fx.Graph, modules: dict[str, Any]) -> tuple[dict[fx.No
         else:
             group[node] = group[first]
     return group, mutations
-
-
-@dataclass
-class Rewritten:
-    gating: fx.GraphModule
-    value: fx.GraphModule
-    sites: list[GateSite]
 
 
 def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:

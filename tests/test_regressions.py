@@ -27,15 +27,25 @@ def test_inplace_gate_on_the_input_does_not_corrupt_the_value_input():
 
 
 def test_inplace_relu_on_input_module():
+    """An in-place ReLU module on the model's input: the DGN equals the source, and the DLGN equals its closed
+    form (gating: q0 = x, q1 = conv(x); value: v1 = conv(relu(x)) * 1(conv(x) > 0)). Like the source, both leave
+    relu(x) in the caller's tensor (the value graph keeps the in-place op); the gating graph must not have
+    changed it before the value graph reads it."""
     model = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(1, 2, 1), nn.ReLU()).eval()
-    x = torch.randn(2, 1, 4, 4)
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    conv = model[1]
     with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+        conv.bias.copy_(torch.tensor([0.3, -0.2]))
         ref = model(x.clone())
-        for mode in ("dgn", "dlgn"):
+        dlgn_ref = conv(torch.relu(x)) * (conv(x) > 0).float()
+        for mode, expected in (("dgn", ref), ("dlgn", dlgn_ref)):
             d = relu2dlgn.convert(model, mode=mode).eval()
-            out = d(x.clone())
-            if mode == "dgn":
-                assert torch.equal(out, ref)
+            x_in = x.clone()
+            out = d(x_in)
+            assert torch.equal(x_in, torch.relu(x))
+            assert torch.allclose(out, expected, rtol=1e-6, atol=1e-7), mode
+        assert not torch.allclose(dlgn_ref, ref)        # the two references differ, so each check bites
 
 
 def test_augmented_assignment_on_an_alias_stays_in_place():

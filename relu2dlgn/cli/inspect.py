@@ -9,6 +9,7 @@ import torch
 
 from ..capture import default_example_inputs
 from ..convert import ConvertOptions, convert
+from ..errors import OptionError
 from ..options import group, option
 from ..zoo import ModelOptions, create_model
 from .args import add_config_flag, add_options, resolve
@@ -44,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _required(model: str | None) -> str:
-    from ..errors import OptionError
     if not model:
         raise OptionError("a model is required: MODEL on the command line, or 'model' in the config file")
     return model

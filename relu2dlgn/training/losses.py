@@ -18,13 +18,15 @@ max) where the DLGN equals the teacher.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
 from ..gates import GateSpec, pool_windows
+from ..sites import GateSite
+from .config import DistillOptions
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -81,3 +83,59 @@ def select_logits(out: Any) -> torch.Tensor:
         return out["logits"]
     raise InputError(f"fine-tuning needs a classifier whose output is a logits tensor (N, classes); "
                      f"the model returned {type(out).__name__}")
+
+
+class Objective:
+    """The training objective of one DLGN (see the module docstring): cross-entropy, plus with a teacher the
+    logit term (``use_kd``) and the gate-agreement term over the matched site ``pairs`` (``use_gate_loss``).
+
+    Calling it returns ``(loss, parts)``; ``parts`` holds the detached terms (``loss``, ``ce``, ``kd``, ``gate``)
+    and, with a teacher, the agreeing decisions and the decisions per pair (``agree``, ``decisions``)."""
+
+    def __init__(self, sites: Sequence[GateSite], specs: Sequence[GateSpec], pairs: Sequence[tuple[int, int]],
+                 options: DistillOptions, *, label_smoothing: float, use_kd: bool, use_gate_loss: bool):
+        self.sites, self.specs, self.pairs = list(sites), list(specs), list(pairs)
+        self.options = options
+        self.label_smoothing = label_smoothing
+        self.use_kd, self.use_gate_loss = use_kd, use_gate_loss
+        self._checked = False
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, qs: Sequence[torch.Tensor], t_logits: Any,
+                 t_qs: Sequence[torch.Tensor] | None, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d = self.options
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        parts = {"ce": ce.detach()}
+        loss = ce
+        if self.use_kd:
+            kd = kd_loss(logits, select_logits(t_logits), d.temperature)
+            loss = (1 - d.kd_weight) * ce + d.kd_weight * kd
+            parts["kd"] = kd.detach()
+        if t_qs is not None and self.pairs:
+            terms = self.site_terms(qs, t_qs, beta, loss=self.use_gate_loss)
+            parts.update(self.agreement(terms, logits.device))
+            if self.use_gate_loss:
+                g = torch.stack([t for t, _, _ in terms]).mean()  # type: ignore[misc]
+                loss = loss + d.gate_weight * g
+                parts["gate"] = g.detach()
+        parts["loss"] = loss.detach()
+        return loss, parts
+
+    def site_terms(self, qs: Sequence[torch.Tensor], t_qs: Sequence[torch.Tensor], beta: float | torch.Tensor, *,
+                   loss: bool) -> list[tuple[torch.Tensor | None, torch.Tensor, int]]:
+        """:func:`site_gate_terms` for every matched pair (shapes checked once, naming the site)."""
+        if not self._checked:
+            for i, j in self.pairs:
+                if qs[i].shape != t_qs[j].shape:
+                    s = self.sites[i]
+                    raise InputError(f"site {i} ({s.kind} '{s.node}' at {s.module_path or '<root>'}): the DLGN's "
+                                     f"pre-activation has shape {tuple(qs[i].shape)}, the teacher's "
+                                     f"{tuple(t_qs[j].shape)}; the teacher is not the model the DLGN was "
+                                     f"converted from")
+            self._checked = True
+        return [site_gate_terms(self.specs[i], qs[i], t_qs[j], beta, loss=loss) for i, j in self.pairs]
+
+    @staticmethod
+    def agreement(terms: Sequence[tuple[Any, torch.Tensor, int]], device: torch.device) -> dict[str, torch.Tensor]:
+        """``{"agree": agreeing decisions per pair, "decisions": decisions per pair}``."""
+        return {"agree": torch.stack([a for _, a, _ in terms]),
+                "decisions": torch.tensor([n for _, _, n in terms], device=device)}

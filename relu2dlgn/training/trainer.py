@@ -20,7 +20,8 @@ from .checkpoint import MODEL_DIR, latest_checkpoint, load_checkpoint, save_chec
 from .config import FinetuneConfig
 from .distributed import (all_gather_objects, all_reduce_sum, barrier, distributed_loader, is_distributed,
                           rank_and_world)
-from .losses import kd_loss, select_logits, site_gate_terms
+from .bn import recalibrate_bn
+from .losses import Objective, select_logits
 from .metrics import EpochSums, MetricsFile, format_record, summary_line
 from .optim import group_lrs, make_optimizer, make_scheduler
 from .results import FinetuneResult
@@ -86,7 +87,6 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
-        self._checked_pairs = False
 
     # -- setup ------------------------------------------------------------------------------------------
     def _pick_device(self) -> torch.device:
@@ -135,6 +135,9 @@ class Trainer:
             self.pairs = match_sites(self.dlgn, self.teacher.site_nodes, self.teacher.site_kinds)
         self.use_kd = self.distill and d.kd_weight > 0
         self.use_gate_loss = self.distill and d.gate_weight > 0 and not self.cfg.gates.freeze_gating
+        self.objective = Objective(self.dlgn.sites, self.dlgn.gate_specs, self.pairs, d,
+                                   label_smoothing=self.cfg.optim.label_smoothing, use_kd=self.use_kd,
+                                   use_gate_loss=self.use_gate_loss)
 
     def _setup_optimisation(self) -> None:
         cfg, dlgn = self.cfg, self.dlgn
@@ -175,41 +178,6 @@ class Trainer:
         return inputs, y.to(self.device, non_blocking=True)
 
     # -- one step ---------------------------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor, qs: Sequence[torch.Tensor], t_logits: Any,
-              t_qs: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        d = self.cfg.distillation
-        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.optim.label_smoothing)
-        parts = {"ce": ce.detach()}
-        loss = ce
-        if self.use_kd:
-            kd = kd_loss(logits, select_logits(t_logits), d.temperature)
-            loss = (1 - d.kd_weight) * ce + d.kd_weight * kd
-            parts["kd"] = kd.detach()
-        if t_qs is not None and self.pairs:
-            terms = self._gate_terms(qs, t_qs, self.dlgn.beta, self.use_gate_loss)
-            parts["agree"] = torch.stack([a for _, a, _ in terms])
-            parts["decisions"] = torch.tensor([n for _, _, n in terms], device=logits.device)
-            if self.use_gate_loss:
-                g = torch.stack([t for t, _, _ in terms]).mean()  # type: ignore[misc]
-                loss = loss + d.gate_weight * g
-                parts["gate"] = g.detach()
-        parts["loss"] = loss.detach()
-        return loss, parts
-
-    def _gate_terms(self, qs: Sequence[torch.Tensor], t_qs: Sequence[torch.Tensor], beta: float,
-                    loss: bool) -> list[tuple[torch.Tensor | None, torch.Tensor, int]]:
-        if not self._checked_pairs:
-            for i, j in self.pairs:
-                if qs[i].shape != t_qs[j].shape:
-                    s = self.dlgn.sites[i]
-                    raise InputError(f"site {i} ({s.kind} '{s.node}' at {s.module_path or '<root>'}): the DLGN's "
-                                     f"pre-activation has shape {tuple(qs[i].shape)}, the teacher's "
-                                     f"{tuple(t_qs[j].shape)}; the teacher is not the model the DLGN was "
-                                     f"converted from")
-            self._checked_pairs = True
-        specs = self.dlgn.gate_specs
-        return [site_gate_terms(specs[i], qs[i], t_qs[j], beta, loss=loss) for i, j in self.pairs]
-
     def _train_step(self, inputs: tuple[Any, ...], y: torch.Tensor
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         with self._autocast():
@@ -220,7 +188,7 @@ class Trainer:
             beta = torch.tensor(self.dlgn.beta, dtype=torch.float32, device=self.device)
             out, qs = self.step_module(beta, *inputs)
             logits = select_logits(out)
-            loss, parts = self._loss(logits, y, qs, t_logits, t_qs)
+            loss, parts = self.objective(logits, y, qs, t_logits, t_qs, self.dlgn.beta)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss, parts, logits
@@ -304,9 +272,9 @@ class Trainer:
                 logits = select_logits(r.output).float()
                 if self.teacher is not None and self.pairs:
                     _, t_qs = self.teacher(*inputs)
-                    terms = self._gate_terms(r.pre_activations, t_qs, 1.0, False)
-                    sums.add_agreement(torch.stack([a for _, a, _ in terms]).double(),
-                                       torch.tensor([n for _, _, n in terms], device=self.device))
+                    agreement = self.objective.agreement(
+                        self.objective.site_terms(r.pre_activations, t_qs, 1.0, loss=False), self.device)
+                    sums.add_agreement(agreement["agree"].double(), agreement["decisions"])
             sums.add({"loss": F.cross_entropy(logits, y)}, logits, y)
         sums.reduce()
         rec: dict[str, Any] = {"val_loss": sums.mean("loss"), "val_acc": sums.accuracy()}
@@ -408,8 +376,6 @@ class Trainer:
 
     def _start(self) -> None:
         """A fresh run: seeds, an empty metrics file, batch-norm re-estimation, the epoch-0 evaluation."""
-        from .bn import recalibrate_bn
-
         cfg = self.cfg
         if cfg.output.seed is not None:
             seed_all(cfg.output.seed + self.rank)

@@ -26,7 +26,16 @@ def test_teacher_tap_is_source_output_and_preactivations():
         assert torch.equal(a, b)
     assert (qs[0] < 0).any()  # a clone before the in-place ReLU, not its output
     assert tap.site_nodes == [s.node for s in dgn.sites]
-    assert model.training is False and all(not p.requires_grad or True for p in tap.parameters())
+    # the tap is a view of the source (its very parameters, no copy) and leaves every train/eval flag alone
+    source_params = {p.data_ptr() for p in model.parameters()}
+    assert {p.data_ptr() for p in tap.parameters()} == source_params and len(source_params) == 10
+    model.train()
+    model.bn1.eval()
+    flags = {name: m.training for name, m in model.named_modules()}
+    with torch.no_grad():
+        out2, _ = tap(x)
+    assert {name: m.training for name, m in model.named_modules()} == flags   # restored exactly
+    assert torch.equal(out2, ref)                                              # and it ran in eval mode
 
 
 def test_teacher_tap_leaves_the_batch_alone():
