@@ -1,4 +1,5 @@
-"""``relu2dlgn.finetune(dlgn, train_loader, val_loader, teacher=model)`` and ``fresh_dlgn``."""
+"""``relu2dlgn.finetune(dlgn, train_loader, val_loader, teacher=model)``, ``train_classifier`` (the same loop for
+a plain network) and ``fresh_dlgn``."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence
@@ -8,6 +9,7 @@ from torch import nn
 
 from ..convert import convert
 from ..dlgn import DLGN
+from ..errors import InputError
 from ..options import flat_fields
 from .config import FinetuneConfig
 from .results import FinetuneResult
@@ -42,18 +44,44 @@ def finetune(dlgn: DLGN, train_loader: Iterable, val_loader: Iterable | None = N
         result = relu2dlgn.finetune(dlgn, train_loader, val_loader, teacher=model, epochs=3, out_dir="runs/x")
         result.best_val_acc, result.final["val_gate_agreement"]
     """
+    if not isinstance(dlgn, DLGN):
+        raise InputError(f"finetune() trains a relu2dlgn.DLGN (from relu2dlgn.convert), got {type(dlgn).__name__}; "
+                         f"train a plain classifier with relu2dlgn.training.train_classifier")
+    config = _config("finetune", config, epochs, options)
+    trainer = Trainer(dlgn, train_loader, val_loader, teacher=teacher, config=config, example_inputs=example_inputs,
+                      teacher_leaf_modules=leaf_modules)
+    return trainer.fit()
+
+
+def train_classifier(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None = None, *,
+                     epochs: int = 5, config: FinetuneConfig | None = None, **options: Any) -> FinetuneResult:
+    """Train a plain classifier (e.g. the ReLU source network before it is converted) in place, with the same
+    loop, options, metrics file, checkpoints and resume as :func:`finetune` — minus everything about gates.
+    ``out_dir/model/model.safetensors`` receives the weights (``relu2dlgn.zoo.load_weights`` reads them).
+
+    Example::
+
+        model = create_model("timm:resnet10t", num_classes=10)
+        result = train_classifier(model, train_loader, val_loader, epochs=8, lr=2e-3)
+        result.best_val_acc
+    """
+    if isinstance(model, DLGN):
+        raise InputError("train_classifier() trains a plain nn.Module; for a DLGN use relu2dlgn.finetune")
+    config = _config("train_classifier", config, epochs, options)
+    return Trainer(model, train_loader, val_loader, config=config).fit()
+
+
+def _config(caller: str, config: FinetuneConfig | None, epochs: int, options: dict[str, Any]) -> FinetuneConfig:
     if config is None:
         names = {leaf.name for leaf in flat_fields(FinetuneConfig)}
         unknown = sorted(set(options) - names)
         if unknown:
-            raise TypeError(f"finetune() got unknown option(s) {', '.join(unknown)}; valid options: "
+            raise TypeError(f"{caller}() got unknown option(s) {', '.join(unknown)}; valid options: "
                             f"{', '.join(sorted(names))}")
-        config = FinetuneConfig.from_options(epochs=epochs, **options)
-    elif options:
+        return FinetuneConfig.from_options(epochs=epochs, **options)
+    if options:
         raise TypeError("pass either config=FinetuneConfig(...) or keyword options, not both")
-    trainer = Trainer(dlgn, train_loader, val_loader, teacher=teacher, config=config, example_inputs=example_inputs,
-                      teacher_leaf_modules=leaf_modules)
-    return trainer.fit()
+    return config
 
 
 def fresh_dlgn(make_model: Callable[[], nn.Module], seed: int = 0, **convert_kwargs: Any) -> DLGN:

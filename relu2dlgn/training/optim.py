@@ -2,36 +2,38 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from ..dlgn import DLGN
 from ..errors import InputError
 from .config import OptimOptions
 from .schedules import lr_factor
 
 
-def param_groups(dlgn: DLGN, cfg: OptimOptions) -> list[dict]:
-    """Trainable parameters of the gating and the value network, each split into weights (decayed) and
-    biases/norm parameters (no decay), with each network's own lr and weight decay. Groups are named
+def param_groups(networks: dict[str, nn.Module], cfg: OptimOptions) -> list[dict]:
+    """Trainable parameters of each network (a DLGN's ``gating`` and ``value``; a classifier's ``model``), each
+    split into weights (decayed) and biases/norm parameters (no decay), with each network's own lr and weight
+    decay where the options give one (``gating_lr``, ``value_weight_decay``, ...). Groups are named
     ``"gating weights"``, ``"value biases/norms"``, ..."""
     groups = []
-    for net, lr, wd in (("gating", cfg.gating_lr, cfg.gating_weight_decay),
-                        ("value", cfg.value_lr, cfg.value_weight_decay)):
+    for net, module in networks.items():
+        lr = getattr(cfg, f"{net}_lr", None)
+        wd = getattr(cfg, f"{net}_weight_decay", None)
         lr = cfg.lr if lr is None else lr
         wd = cfg.weight_decay if wd is None else wd
-        params = [p for p in getattr(dlgn, net).parameters() if p.requires_grad]
+        params = [p for p in module.parameters() if p.requires_grad]
         for ps, w, kind in (([p for p in params if p.dim() > 1], wd, "weights"),
                             ([p for p in params if p.dim() <= 1], 0.0, "biases/norms")):
             if ps:
                 groups.append({"params": ps, "lr": lr, "weight_decay": w, "name": f"{net} {kind}"})
     if not groups:
-        raise InputError("the DLGN has no trainable parameter (both networks frozen or parameter-free)")
+        raise InputError("nothing to train: no trainable parameter (networks frozen or parameter-free)")
     return groups
 
 
-def make_optimizer(dlgn: DLGN, cfg: OptimOptions) -> torch.optim.Optimizer:
+def make_optimizer(networks: dict[str, nn.Module], cfg: OptimOptions) -> torch.optim.Optimizer:
     """Fused AdamW or Nesterov SGD over :func:`param_groups` (the fused kernels are several times faster than
     the per-parameter loop on CPU; a device or dtype without them falls back to the loop)."""
-    groups = param_groups(dlgn, cfg)
+    groups = param_groups(networks, cfg)
     for fused in (True, None):
         try:
             if cfg.optimizer == "sgd":

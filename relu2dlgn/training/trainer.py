@@ -1,4 +1,5 @@
-"""The fine-tuning loop: :class:`Trainer` (the objective is in :mod:`relu2dlgn.training.losses`)."""
+"""The training loop: :class:`Trainer` (the objective is in :mod:`relu2dlgn.training.losses`; what it trains — a
+DLGN, or a plain classifier such as the source network — is adapted by :mod:`relu2dlgn.training.student`)."""
 from __future__ import annotations
 
 import contextlib
@@ -27,6 +28,7 @@ from .optim import group_lrs, make_optimizer, make_scheduler
 from .results import FinetuneResult
 from .rng import rng_state, seed_all, set_rng_state
 from .schedules import beta_at
+from .student import DLGNStudent, Student, as_student
 from .teacher import Teacher, make_teacher, match_sites
 
 log = logging.getLogger(__name__)
@@ -39,19 +41,22 @@ class _StepModule(nn.Module):
     every time the schedule changes it. With frozen gating the gates are hard (the gating network is in eval
     mode and has no trainable parameter)."""
 
-    def __init__(self, dlgn: DLGN, frozen_gating: bool):
+    def __init__(self, student: Student, frozen_gating: bool):
         super().__init__()
-        self.dlgn = dlgn
+        self.model = student.module  # registered, so that DDP sees the parameters
+        self.student = student
         self.frozen_gating = frozen_gating
 
     def forward(self, beta: torch.Tensor, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
-        r = self.dlgn.run(*inputs, hard=self.frozen_gating, beta=beta)
-        return r.output, r.pre_activations
+        return self.student.forward(inputs, hard=self.frozen_gating, beta=beta)
 
 
 class Trainer:
-    """Fine-tunes a :class:`~relu2dlgn.DLGN` in place. ``Trainer(dlgn, train_loader, val_loader, teacher=model,
-    config=FinetuneConfig(...)).fit()``; see :func:`relu2dlgn.finetune` for the objective and the files.
+    """Trains a :class:`~relu2dlgn.DLGN` (or a plain classifier) in place. ``Trainer(dlgn, train_loader,
+    val_loader, teacher=model, config=FinetuneConfig(...)).fit()``; see :func:`relu2dlgn.finetune` for the
+    objective and the files. A plain ``nn.Module`` classifier (no gates: the gate options and the gate
+    agreement do not apply) is trained with the same loop, checkpoints and files; see
+    :func:`relu2dlgn.training.train_classifier`.
 
     Under ``torchrun`` (a process group initialised, e.g. by :func:`~relu2dlgn.training.init_distributed`) the
     model is wrapped in ``DistributedDataParallel``; loaders without a ``DistributedSampler`` get one (their
@@ -59,15 +64,14 @@ class Trainer:
     ``teacher_leaf_modules``: the ``leaf_modules`` the DLGN was converted with, to trace the teacher alike.
     """
 
-    def __init__(self, dlgn: DLGN, train_loader: Iterable, val_loader: Iterable | None = None, *,
+    def __init__(self, dlgn: DLGN | nn.Module, train_loader: Iterable, val_loader: Iterable | None = None, *,
                  teacher: nn.Module | Teacher | None = None, config: FinetuneConfig | None = None,
                  example_inputs: Sequence[torch.Tensor] | None = None,
                  teacher_leaf_modules: Iterable[type | str] = ()):
-        if not isinstance(dlgn, DLGN):
-            raise InputError(f"finetune() trains a relu2dlgn.DLGN (from relu2dlgn.convert), got {type(dlgn).__name__}")
         self.cfg = cfg = config or FinetuneConfig()
         validate(cfg, what="finetune option")
-        self.dlgn = dlgn
+        self.student = as_student(dlgn)
+        self.model = dlgn = self.student.module
         self.distributed = is_distributed()
         self.rank, self.world = rank_and_world()
         self.main = self.rank == 0
@@ -75,7 +79,7 @@ class Trainer:
         self._setup_loaders(train_loader, val_loader)
         rt = cfg.runtime
         self.amp = rt.amp if rt.amp is not None else self.device.type == "cuda"
-        has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in dlgn.modules())
+        has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
         self.channels_last = rt.channels_last if rt.channels_last is not None else \
             (self.device.type == "cuda" and has_conv)
         dlgn.to(self.device)
@@ -132,27 +136,35 @@ class Trainer:
                     teacher.to(memory_format=torch.channels_last)
             examples = tuple(to_device(e, self.device) for e in example_inputs) if example_inputs else None
             self.teacher = make_teacher(teacher, examples, leaf_modules)
-            self.pairs = match_sites(self.dlgn, self.teacher.site_nodes, self.teacher.site_kinds)
+            if not isinstance(self.student, DLGNStudent):
+                raise InputError("a teacher's gates can only teach a DLGN; for a plain classifier use distill=False "
+                                 "and no teacher")
+            self.pairs = match_sites(self.model, self.teacher.site_nodes, self.teacher.site_kinds)
         self.use_kd = self.distill and d.kd_weight > 0
         self.use_gate_loss = self.distill and d.gate_weight > 0 and not self.cfg.gates.freeze_gating
-        self.objective = Objective(self.dlgn.sites, self.dlgn.gate_specs, self.pairs, d,
+        self.objective = Objective(self.student.sites, self.student.gate_specs, self.pairs, d,
                                    label_smoothing=self.cfg.optim.label_smoothing, use_kd=self.use_kd,
                                    use_gate_loss=self.use_gate_loss)
 
     def _setup_optimisation(self) -> None:
-        cfg, dlgn = self.cfg, self.dlgn
-        for p in dlgn.gating.parameters():
-            p.requires_grad_(not cfg.gates.freeze_gating)
-        for p in dlgn.value.parameters():
-            p.requires_grad_(not cfg.gates.freeze_value)
-        self.optimizer = make_optimizer(dlgn, cfg.optim)
+        cfg, networks = self.cfg, self.student.networks
+        self.frozen = {name for name in ("gating", "value") if getattr(cfg.gates, f"freeze_{name}")}
+        missing = self.frozen - set(networks)
+        if missing:
+            raise OptionError(f"finetune option freeze_{min(missing)}=True: {type(self.model).__name__} has no "
+                              f"{min(missing)} network")
+        for name, net in networks.items():
+            for p in net.parameters():
+                p.requires_grad_(name not in self.frozen)
+        self.optimizer = make_optimizer(networks, cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.optim.warmup_fraction)
         g = cfg.gates
-        self.beta_start = g.beta_start if g.beta_start is not None else dlgn.beta
-        self.beta_end = g.beta_end if g.beta_end is not None else 3.0 * self.beta_start
+        beta = self.student.beta
+        self.beta_start = g.beta_start if g.beta_start is not None else beta
+        self.beta_end = g.beta_end if g.beta_end is not None else (3.0 * beta if beta is not None else None)
         if g.beta_schedule == "constant":
             self.beta_end = self.beta_start
-        self.step_module: nn.Module = _StepModule(dlgn, g.freeze_gating)
+        self.step_module: nn.Module = _StepModule(self.student, g.freeze_gating)
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -166,11 +178,9 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _set_train_mode(self) -> None:
-        self.dlgn.train()
-        if self.cfg.gates.freeze_gating:
-            self.dlgn.gating.eval()
-        if self.cfg.gates.freeze_value:
-            self.dlgn.value.eval()
+        self.model.train()
+        for name in self.frozen:
+            self.student.networks[name].eval()
 
     def _inputs(self, batch: Any) -> tuple[tuple[Any, ...], torch.Tensor]:
         inputs, y = split_batch(batch)
@@ -185,10 +195,10 @@ class Trainer:
             if self.teacher is not None and (self.use_kd or self.use_gate_loss):
                 with torch.no_grad():
                     t_logits, t_qs = self.teacher(*inputs)
-            beta = torch.tensor(self.dlgn.beta, dtype=torch.float32, device=self.device)
+            beta = torch.tensor(self.student.beta or 1.0, dtype=torch.float32, device=self.device)
             out, qs = self.step_module(beta, *inputs)
             logits = select_logits(out)
-            loss, parts = self.objective(logits, y, qs, t_logits, t_qs, self.dlgn.beta)
+            loss, parts = self.objective(logits, y, qs, t_logits, t_qs, self.student.beta or 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss, parts, logits
@@ -215,8 +225,9 @@ class Trainer:
         bar = self._bar(self.train_loader, f"epoch {epoch}/{self.cfg.epochs}", self.steps_per_epoch)
         t0 = time.perf_counter()
         for i, batch in enumerate(bar):
-            self.dlgn.beta = beta_at(self.step, self.total_steps, self.beta_start, self.beta_end,
-                                     self.cfg.gates.beta_schedule)
+            if self.beta_start is not None:
+                self.student.beta = beta_at(self.step, self.total_steps, self.beta_start, self.beta_end,
+                                            self.cfg.gates.beta_schedule)
             inputs, y = self._inputs(batch)
             loss, parts, logits = self._train_step(inputs, y)
             norm = self._grad_norm(params)
@@ -230,7 +241,8 @@ class Trainer:
             if "agree" in parts:
                 sums.add_agreement(parts["agree"], parts["decisions"])
             if self.main and self.cfg.runtime.progress and i % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}", beta=f"{self.dlgn.beta:.3g}")
+                bar.set_postfix(loss=f"{loss.item():.4f}", **({"beta": f"{self.student.beta:.3g}"}
+                                                            if self.student.beta is not None else {}))
         elapsed = time.perf_counter() - t0
         sums.reduce()
         rec: dict[str, Any] = {"train_loss": sums.mean("loss"), "train_ce": sums.mean("ce")}
@@ -252,7 +264,7 @@ class Trainer:
                 f"lower learning rate)." if where else "No checkpoint was written (no out_dir, or before epoch 1).")
         raise NonFiniteLossError(
             f"non-finite loss at epoch {epoch}, batch {i + 1}/{self.steps_per_epoch} (global step {self.step + 1}): "
-            f"loss={loss.item():.4g}, gradient norm={norm.item():.4g}, beta={self.dlgn.beta:.4g}. Training stopped "
+            f"loss={loss.item():.4g}, gradient norm={norm.item():.4g}, beta={self.student.beta}. Training stopped "
             f"before this update was applied. {last} Check the inputs for NaN/inf, or lower lr / beta_end, or "
             f"set max_grad_norm.")
 
@@ -263,17 +275,17 @@ class Trainer:
         loader = self.val_loader if loader is None else loader
         if loader is None:
             return {}
-        self.dlgn.eval()
+        self.model.eval()
         sums = EpochSums(len(self.pairs), self.device)
         for batch in self._bar(loader, "validate", None, leave=False):
             inputs, y = self._inputs(batch)
             with self._autocast():
-                r = self.dlgn.run(*inputs, hard=True)
-                logits = select_logits(r.output).float()
+                out, qs = self.student.forward(inputs, hard=True)
+                logits = select_logits(out).float()
                 if self.teacher is not None and self.pairs:
                     _, t_qs = self.teacher(*inputs)
                     agreement = self.objective.agreement(
-                        self.objective.site_terms(r.pre_activations, t_qs, 1.0, loss=False), self.device)
+                        self.objective.site_terms(qs, t_qs, 1.0, loss=False), self.device)
                     sums.add_agreement(agreement["agree"].double(), agreement["decisions"])
             sums.add({"loss": F.cross_entropy(logits, y)}, logits, y)
         sums.reduce()
@@ -298,7 +310,7 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         rngs = all_gather_objects(rng_state(self._loader_generator()))  # collective: every rank calls it
         return {"epoch": self.epoch, "step": self.step, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "beta": self.dlgn.beta,
+                "scheduler": self.scheduler.state_dict(), "beta": self.student.beta,
                 "beta_start": self.beta_start, "beta_end": self.beta_end, "history": self.history,
                 "rng": rngs, "world_size": self.world, "config": to_dict(self.cfg)}
 
@@ -308,7 +320,7 @@ class Trainer:
         path = None
         out_dir = self.cfg.output.out_dir
         if self.main and out_dir:
-            path = save_checkpoint(out_dir, self.epoch, self.dlgn.state_dict(), state,
+            path = save_checkpoint(out_dir, self.epoch, self.model.state_dict(), state,
                                    self.cfg.output.keep_checkpoints)
         barrier()
         return path
@@ -322,9 +334,9 @@ class Trainer:
             raise InputError(f"resume: no checkpoint under '{os.path.join(out_dir, 'checkpoints')}' "
                              f"(run without resume to start)")
         weights, state = load_checkpoint(path, self.device)
-        result = self.dlgn.load_state_dict(weights, strict=False)
+        result = self.model.load_state_dict(weights, strict=False)
         if result.missing_keys or result.unexpected_keys:
-            raise LoadError(f"resume: checkpoint '{path}' does not match this DLGN: missing "
+            raise LoadError(f"resume: checkpoint '{path}' does not match this model: missing "
                             f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -334,7 +346,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.beta_start, self.beta_end = state["beta_start"], state["beta_end"]
-        self.dlgn.beta = state["beta"]
+        if state["beta"] is not None:
+            self.student.beta = state["beta"]
         self.history = list(state["history"])
         rngs = state["rng"]
         if len(rngs) == self.world:
@@ -359,15 +372,15 @@ class Trainer:
             lrs = group_lrs(self.optimizer)
             rec = {"epoch": epoch, **self.train_epoch(epoch)}
             rec.update(self.evaluate())
-            rec.update({"step": self.step, "beta": self.dlgn.beta, **lrs})
+            rec.update({"step": self.step, **self._beta_record(), **lrs})
             self.epoch = epoch
             self._record(rec)
             self.save_checkpoint()
         elapsed = time.perf_counter() - start
-        self.dlgn.eval()
+        self.model.eval()
         model_dir = os.path.join(cfg.output.out_dir, MODEL_DIR) if cfg.output.out_dir else None
         if model_dir and self.main:
-            self.dlgn.save(model_dir)
+            self.student.save(model_dir)
         barrier()
         summary = summary_line(self.history, self.epoch, self.step, elapsed, model_dir)
         if self.main:
@@ -380,12 +393,14 @@ class Trainer:
         if cfg.output.seed is not None:
             seed_all(cfg.output.seed + self.rank)
         self.metrics.rewrite([])
-        unfrozen = [n for n, frozen in (("gating", cfg.gates.freeze_gating), ("value", cfg.gates.freeze_value))
-                    if not frozen]
-        if cfg.gates.recalibrate_bn:
-            recalibrate_bn(self.dlgn, self.train_loader, cfg.gates.recalibrate_bn, self.device, unfrozen)
+        unfrozen = [n for n in self.student.networks if n not in self.frozen]
+        if cfg.gates.recalibrate_bn and isinstance(self.student, DLGNStudent):
+            recalibrate_bn(self.model, self.train_loader, cfg.gates.recalibrate_bn, self.device, unfrozen)
         if cfg.output.eval_before and self.val_loader is not None:
-            self._record({"epoch": 0, "step": 0, **self.evaluate(), "beta": self.dlgn.beta})
+            self._record({"epoch": 0, "step": 0, **self.evaluate(), **self._beta_record()})
+
+    def _beta_record(self) -> dict[str, float]:
+        return {"beta": self.student.beta} if self.student.beta is not None else {}
 
     def _record(self, rec: dict[str, Any]) -> None:
         rec["time"] = time.time()
