@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train import add_finetune_parser
     add_finetune_parser(sub)
-    from .export import add_export_parser
+    from .cli_export import add_export_parser
     add_export_parser(sub)
     return parser
 

@@ -19,7 +19,8 @@ from torch import nn
 import relu2dlgn
 from relu2dlgn import ExportError
 from relu2dlgn import export as export_mod
-from relu2dlgn.export import add_export_parser, export_onnx, split_paths
+from relu2dlgn.cli_export import add_export_parser
+from relu2dlgn.export import export_onnx, split_paths
 
 from _models import TinyNet, build, input_size, randomize_bn, rel_err
 
