@@ -18,7 +18,9 @@ from torch import nn
 
 import relu2dlgn
 from relu2dlgn import ExportError
-from relu2dlgn import export as export_mod
+from relu2dlgn.export import files as export_files
+from relu2dlgn.export import torch_export
+from relu2dlgn.export import verify as export_verify
 from relu2dlgn.cli_export import add_export_parser
 from relu2dlgn.export import export_onnx, split_paths
 
@@ -348,7 +350,7 @@ def _histogram(path) -> dict[str, int]:
 
 
 def test_models_over_2gib_keep_weights_in_a_data_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(export_mod, "_TWO_GIB", 1024)  # pretend every model is over the protobuf limit
+    monkeypatch.setattr(export_files, "TWO_GIB", 1024)  # pretend every model is over the protobuf limit
     x = torch.randn(2, 3, 16, 16)
     dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(x,))
     report = export_onnx(dlgn, tmp_path / "m.onnx", x)
@@ -374,7 +376,7 @@ def test_unwritable_path_writes_nothing_and_fails_before_exporting(tmp_path, mon
     def no_export(*a, **k):
         raise AssertionError("exported although the path cannot be written")
 
-    monkeypatch.setattr(export_mod, "_export_part", no_export)
+    monkeypatch.setattr(torch_export, "export_part", no_export)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     for bad in (tmp_path / "missing" / "m.onnx", blocker / "m.onnx", tmp_path):
@@ -384,14 +386,14 @@ def test_unwritable_path_writes_nothing_and_fails_before_exporting(tmp_path, mon
 
 
 def _perturb_outputs(monkeypatch, factor: float):
-    real = export_mod._run_onnx
+    real = export_verify.run_onnx
 
     def perturbed(session, feeds):
         res = real(session, feeds)
         names = [o.name for o in session.get_outputs()]
         return [r * factor if n.startswith("output") else r for r, n in zip(res, names)]
 
-    monkeypatch.setattr(export_mod, "_run_onnx", perturbed)
+    monkeypatch.setattr(export_verify, "run_onnx", perturbed)
 
 
 @pytest.mark.parametrize("kw", [{}, {"gates_output": True}, {"split": True}])
@@ -413,7 +415,7 @@ def test_parity_failure_raises_and_keeps_the_old_file(tmp_path, monkeypatch, kw)
 
 def _flip_one_gate(monkeypatch, dlgn, pick):
     """Make onnxruntime's gate_0 differ from PyTorch at the element ``pick(|q|)`` of site 0."""
-    real = export_mod._run_onnx
+    real = export_verify.run_onnx
 
     def flipped(session, feeds):
         res = real(session, feeds)
@@ -426,7 +428,7 @@ def _flip_one_gate(monkeypatch, dlgn, pick):
             g.flat[i] = 1.0 - g.flat[i]
         return res
 
-    monkeypatch.setattr(export_mod, "_run_onnx", flipped)
+    monkeypatch.setattr(export_verify, "run_onnx", flipped)
 
 
 def test_gate_flip_at_a_tie_is_accepted_and_reported(tmp_path, monkeypatch):
