@@ -154,8 +154,8 @@ def export_onnx(
             input_names = unique_names([s.name for s in dlgn.input_specs])
             gate_names = [f"gate_{i}" for i in range(len(dlgn.sites))]
             with torch.no_grad():
-                example_gates = dlgn.gates(*examples)
-                example_out = dlgn.value(*dlgn.value_inputs(*examples), *example_gates)
+                example = dlgn.run(*examples, hard=True)
+            example_out, example_gates = example.output, example.gates
             leaves = pytree.tree_leaves(example_out)
             if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
                 raise ExportError(f"the model's outputs must be tensors (possibly nested in tuples, lists or dicts) "

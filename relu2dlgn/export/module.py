@@ -3,7 +3,7 @@ ONNX operators can express."""
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,45 +11,48 @@ from torch.utils import _pytree as pytree
 
 from ..dlgn import DLGN
 from ..errors import ExportError
-from ..gates import make_gate
 from ..utils.modes import eval_mode
 
-__all__ = ["ExportModule", "output_names", "unique_names", "check_ceil_mode"]
+__all__ = ["PARTS", "ExportModule", "output_names", "unique_names", "check_ceil_mode"]
+
+
+PARTS = ("fused", "gating", "value")
 
 
 class ExportModule(nn.Module):
-    """``part="fused"``: inputs -> (*outputs, *gates?); ``"gating"``: inputs -> gates;
-    ``"value"``: (*inputs, *gates) -> outputs. Hard gates (eval mode) only."""
+    """What is exported, hard gates only, through the DLGN's own path (:meth:`DLGN.run` and its two halves):
+
+    * ``part="fused"``: inputs -> (*outputs, *gates if ``gates_output``);
+    * ``"gating"``: inputs -> gates;
+    * ``"value"``: (*inputs, *gates) -> outputs.
+
+    Outputs are the leaves of the source model's output structure, in ``pytree`` order."""
 
     def __init__(self, dlgn: DLGN, part: str, gates_output: bool = False):
         super().__init__()
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         self.part = part
         self.gates_output = gates_output
         self.num_inputs = len(dlgn.input_specs)
+        # Registered: the graphs this part runs, under their names in the DLGN, so that the ONNX initialisers keep
+        # the DLGN's parameter names (gating.conv1.weight, ...) and a gating file lifts no value weights. The DLGN
+        # itself stays outside the module tree (object.__setattr__): it is only called, and its graphs are these.
         if part in ("fused", "gating"):
             self.gating = dlgn.gating
         if part in ("fused", "value"):
             self.value = dlgn.value
-        self._specs = list(dlgn.gate_specs)
-        self._beta = dlgn.beta
-        self._value_inputs = dlgn.value_inputs  # a bound method: not registered as a submodule
-
-    def _gates(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        qs = self.gating(*inputs)
-        return tuple(make_gate(spec, q, self._beta, True) for spec, q in zip(self._specs, qs))
+        object.__setattr__(self, "dlgn", dlgn)
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.part == "gating":
-            return self._gates(args)
+            return self.dlgn.gates(*args, hard=True)
         if self.part == "value":
             inputs, gates = args[:self.num_inputs], args[self.num_inputs:]
-        else:
-            inputs = args
-            gates = self._gates(inputs)
-        outputs = tuple(pytree.tree_leaves(self.value(*self._value_inputs(*inputs), *gates)))
-        if self.part == "fused" and self.gates_output:
-            return outputs + gates
-        return outputs
+            return tuple(pytree.tree_leaves(self.dlgn.value_forward(inputs, gates)))
+        run = self.dlgn.run(*args, hard=True)
+        outputs = tuple(pytree.tree_leaves(run.output))
+        return outputs + run.gates if self.gates_output else outputs
 
 
 def output_names(example_out: Any) -> list[str]:

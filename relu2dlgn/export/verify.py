@@ -13,7 +13,6 @@ from torch.utils import _pytree as pytree
 
 from ..dlgn import DLGN
 from ..errors import ExportError
-from ..gates import make_gate
 from .diagnostics import root_message
 from .files import Staging
 from .report import SiteAgreement, Verification
@@ -121,9 +120,8 @@ def _verify(dlgn: DLGN, run: Callable[[dict], tuple[list, list | None]],
     feeds = {n: x.numpy() for n, x in zip(input_names, xs)}
     outs, g_np = run(feeds)
     with torch.no_grad():
-        qs = tuple(dlgn.gating(*(x.clone() for x in xs)))
-        g_ref = [make_gate(s.spec, q, dlgn.beta, True) for s, q in zip(dlgn.sites, qs)]
-        ref = pytree.tree_leaves(dlgn.value(*dlgn.value_inputs(*(x.clone() for x in xs)), *g_ref))
+        reference = dlgn.run(*(x.clone() for x in xs), hard=True)
+    qs, g_ref, ref = reference.pre_activations, reference.gates, pytree.tree_leaves(reference.output)
     e2e_problems, max_abs, p99, beyond, scale = _output_errors(outs, ref, rtol)
     figures = dict(batch=batch, provider=PROVIDER, rtol=rtol, gate_tol=gate_tol, scale=scale, max_abs=max_abs,
                    p99_abs=p99, beyond_tol=beyond)
@@ -160,7 +158,7 @@ def _verify(dlgn: DLGN, run: Callable[[dict], tuple[list, list | None]],
     value_scale = scale
     if usable:
         with torch.no_grad():
-            cond = pytree.tree_leaves(dlgn.value(*dlgn.value_inputs(*(x.clone() for x in xs)), *g_onnx))
+            cond = pytree.tree_leaves(dlgn.value_forward([x.clone() for x in xs], g_onnx))
         value_problems, value_err, _, _, value_scale = _output_errors(outs, cond, rtol)
         problems += [f"{p} (against PyTorch's value network fed onnxruntime's gates)" for p in value_problems]
     else:
