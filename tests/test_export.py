@@ -22,7 +22,7 @@ from relu2dlgn.export import files as export_files
 from relu2dlgn.export import torch_export
 from relu2dlgn.export import verify as export_verify
 from relu2dlgn.cli_export import add_export_parser
-from relu2dlgn.export import export_onnx, split_paths
+from relu2dlgn.export import ExportOptions, export_onnx, split_paths
 
 from _models import TinyNet, build, input_size, randomize_bn, rel_err
 
@@ -535,6 +535,33 @@ def test_cli_export(tmp_path, capsys):
     assert os.path.exists(g) and os.path.exists(v)
     dims = onnx.load(g).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims][1:] == [3, 20, 20]
+
+
+def test_export_options_match_export_onnx_and_the_cli():
+    """ExportOptions (what a generated command line sets) has export_onnx's defaults and today's flags' defaults."""
+    import dataclasses
+    import inspect
+
+    from relu2dlgn.errors import OptionError
+    from relu2dlgn.options import validate
+
+    opts = ExportOptions()
+    assert [f.name for f in dataclasses.fields(opts)] == ["split", "opset", "gates_output", "dynamic_batch", "verify",
+                                                         "batch", "input_size"]
+    params = inspect.signature(export_onnx).parameters
+    for name in ("split", "opset", "gates_output", "dynamic_batch", "verify"):
+        assert getattr(opts, name) == params[name].default, name
+    parser = argparse.ArgumentParser(prog="relu2dlgn")
+    add_export_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", "saved", "--out", "m.onnx"])
+    assert (args.split, args.opset, args.gates_output, not args.static_batch, not args.no_verify, args.batch,
+            args.input_size) == dataclasses.astuple(opts)
+    validate(opts)
+    validate(ExportOptions(opset=18, input_size=(3, 32, 32), batch=1, dynamic_batch=False))
+    with pytest.raises(OptionError, match=r"input_size=\(3, 0, 4\).*positive sizes"):
+        validate(ExportOptions(input_size=(3, 0, 4)))
+    with pytest.raises(OptionError, match=r"batch=0.*>= 1"):
+        validate(ExportOptions(batch=0))
 
 
 def test_cli_needs_an_input_size_when_none_was_saved(tmp_path):

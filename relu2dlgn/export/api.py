@@ -1,10 +1,13 @@
-"""The public entry point :func:`export_onnx`: checks, then export, write, verify and commit, each done by
-its own module of this package."""
+"""The public entry point :func:`export_onnx`: it checks the arguments, then has each step done by its module
+(:mod:`.torch_export`, :mod:`.passes`, :mod:`.files`, :mod:`.verify`), and :class:`ExportOptions`, the options
+that the command line sets."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -12,6 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..dlgn import DLGN
 from ..errors import ExportError
+from ..options import Check, at_least, option
 from ..utils.modes import eval_mode
 from . import files, torch_export
 from .diagnostics import graph_files
@@ -21,10 +25,30 @@ from .report import ExportReport
 from .torch_export import EXPORTER, batch_axes
 from .verify import check_and_verify
 
-__all__ = ["export_onnx", "split_paths", "DEFAULT_RTOL", "DEFAULT_GATE_TOL"]
+__all__ = ["export_onnx", "split_paths", "ExportOptions", "DEFAULT_RTOL", "DEFAULT_GATE_TOL"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_GATE_TOL = 1e-4
+
+_sizes = Check(lambda v: len(v) > 0 and all(isinstance(d, int) and d > 0 for d in v), "positive sizes such as 3,224,224")
+
+
+@dataclass
+class ExportOptions:
+    """The options of an export that a command line or config file sets: those of :func:`export_onnx` (same
+    names and defaults), and the shape of the example input that the command line makes (``batch``,
+    ``input_size``)."""
+
+    split: bool = option(False, "write a gating file and a value file (X.gating.onnx, X.value.onnx)")
+    opset: int | None = option(None, "ONNX opset (default: the exporter's)", check=at_least(1))
+    gates_output: bool = option(False, "also output the gates (gate_0, gate_1, ...)")
+    dynamic_batch: bool = option(True, "symbolic batch axis; False fixes it to the traced batch")
+    verify: bool = option(True, "check with onnx.checker and compare onnxruntime with PyTorch")
+    batch: int = option(2, "batch size of the example input to trace with", check=at_least(1))
+    input_size: tuple[int, ...] | None = option(
+        None, "C,H,W of the example input (default: the example shape saved with the model)", check=_sizes)
 
 
 def split_paths(path: str | os.PathLike) -> tuple[str, str]:
@@ -122,6 +146,39 @@ def export_onnx(
             (the message has the figures).
     """
     start = time.perf_counter()
+    examples, verify_batch = _checked_examples(dlgn, example_inputs, dynamic_batch, verify_batch)
+    path = os.fspath(path)
+    targets = list(split_paths(path)) if split else [path]
+    timings: dict[str, float] = {}
+    with files.staged(targets) as stage:
+        with eval_mode(dlgn):
+            exported = _export_parts(dlgn, examples, targets, split=split, gates_output=gates_output,
+                                     dynamic_batch=dynamic_batch, opset=opset,
+                                     custom_translations=custom_translations, timings=timings)
+            described = files.write(exported.protos, stage, dlgn, timings)
+            with_gates = None
+            if exported.restore_gates is not None:
+                with_gates = functools.partial(exported.runnable_with_gates, stage.extra("with_gates.onnx"))
+            verification = None
+            if verify:
+                verification = check_and_verify(dlgn, targets, stage, with_gates, split, exported.input_names,
+                                                exported.num_outputs, examples, verify_batch, seed, rtol, gate_tol,
+                                                dynamic_batch, timings)
+            del exported, with_gates  # the ModelProtos: freed before the files are moved into place
+        stage.commit()
+    logger.info("exported %s in %.1f s (%s)", ", ".join(targets), time.perf_counter() - start,
+                ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    return ExportReport(files=described, mode=dlgn.mode, value_input=dlgn.value_input, pool=dlgn.pool,
+                        num_sites=len(dlgn.sites), dynamic_batch=dynamic_batch,
+                        example_shapes=[tuple(x.shape) for x in examples], gates_output=gates_output and not split,
+                        split=split, exporter=EXPORTER, seconds=time.perf_counter() - start,
+                        verification=verification, timings=timings)
+
+
+def _checked_examples(dlgn: DLGN, example_inputs: torch.Tensor | Sequence[torch.Tensor], dynamic_batch: bool,
+                      verify_batch: int | None) -> tuple[tuple[torch.Tensor, ...], int]:
+    """The example inputs to trace with (a batch of 1 tiled to 2 for a dynamic batch axis) and the verification
+    batch size; :class:`ExportError` for what cannot be exported."""
     if not isinstance(dlgn, DLGN):
         raise ExportError(f"export_onnx expects a relu2dlgn DLGN, got {type(dlgn).__name__}")
     if isinstance(example_inputs, torch.Tensor):
@@ -143,70 +200,52 @@ def export_onnx(
     elif not dynamic_batch and verify_batch != batch0:
         raise ExportError(f"with dynamic_batch=False the model takes batches of exactly {batch0}; "
                           f"verify_batch={verify_batch} cannot run")
+    return examples, verify_batch
 
-    path = os.fspath(path)
-    targets = list(split_paths(path)) if split else [path]
-    timings: dict[str, float] = {}
-    stage = files.Staging(targets)
-    try:
-        with eval_mode(dlgn):
-            graphs = graph_files(dlgn)
-            input_names = unique_names([s.name for s in dlgn.input_specs])
-            gate_names = [f"gate_{i}" for i in range(len(dlgn.sites))]
-            with torch.no_grad():
-                example = dlgn.run(*examples, hard=True)
-            example_out, example_gates = example.output, example.gates
-            leaves = pytree.tree_leaves(example_out)
-            if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
-                raise ExportError(f"the model's outputs must be tensors (possibly nested in tuples, lists or dicts) "
-                                  f"to become ONNX outputs; got {[type(t).__name__ for t in leaves]}")
-            out_names = output_names(example_out)
-            batch = torch.export.Dim("batch") if dynamic_batch else None
-            in_shapes = tuple({0: batch} for _ in examples) if batch is not None else None
-            export = functools.partial(torch_export.export_part, opset=opset, custom_translations=custom_translations,
-                                       files=graphs, timings=timings)
 
-            written: list[tuple[str, Any]] = []  # (target, ModelProto)
-            hidden_gates = None
-            if split:
-                ep, gating = export(ExportModule(dlgn, "gating"), examples, in_shapes, input_names, gate_names,
-                                    what="gating graph")
-                gate_shapes = tuple({a: batch} if a is not None else None for a in batch_axes(ep))
-                _, value = export(ExportModule(dlgn, "value"), examples + tuple(example_gates),
-                                  in_shapes + gate_shapes if batch is not None else None,
-                                  input_names + gate_names, out_names, what="value graph")
-                written = [(targets[0], gating), (targets[1], value)]
-                parts = ["gating", "value"]
-            else:
-                _, fused = export(ExportModule(dlgn, "fused", gates_output=True), examples, in_shapes,
-                                  input_names, out_names + gate_names, what="DLGN")
-                written = [(path, fused)]
-                parts = ["fused"]
-                if not gates_output:
-                    restore = strip_outputs(fused, set(gate_names))
+@dataclass
+class _Exported:
+    """The exported ModelProto(s) with their targets and parts, and the ONNX names."""
 
-                    def hidden_gates() -> str | bytes:
-                        restore()
-                        return files.runnable(fused, stage.extra("with_gates.onnx"))
-            tick = time.perf_counter()
-            for (target, proto), part in zip(written, parts):
-                files.add_metadata(proto, dlgn, part)
-                files.save(proto, stage.path(target))
-            described = [files.describe(proto, stage.path(t), t) for t, proto in written]
-            timings["write"] = time.perf_counter() - tick
+    protos: list[tuple[str, str, Any]]  # (target, part, ModelProto)
+    input_names: list[str]
+    num_outputs: int
+    restore_gates: Callable[[], None] | None = None  # puts back the gate outputs a fused file does not expose
 
-            verification = None
-            if verify:
-                verification = check_and_verify(dlgn, targets, stage, hidden_gates, split, input_names,
-                                                 len(out_names), examples, verify_batch, seed, rtol, gate_tol,
-                                                 dynamic_batch, timings)
-            del written, hidden_gates
-        stage.commit()
-    finally:
-        stage.cleanup()
-    return ExportReport(files=described, mode=dlgn.mode, value_input=dlgn.value_input, pool=dlgn.pool,
-                        num_sites=len(dlgn.sites), dynamic_batch=dynamic_batch,
-                        example_shapes=[tuple(x.shape) for x in examples], gates_output=gates_output and not split,
-                        split=split, exporter=EXPORTER, seconds=time.perf_counter() - start,
-                        verification=verification, timings=timings)
+    def runnable_with_gates(self, beside: str) -> str | bytes:
+        """The fused model with its gate outputs, for onnxruntime (see :func:`files.runnable`)."""
+        assert self.restore_gates is not None
+        self.restore_gates()
+        return files.runnable(self.protos[0][2], beside)
 
+
+def _export_parts(dlgn: DLGN, examples: tuple[torch.Tensor, ...], targets: list[str], *, split: bool,
+                  gates_output: bool, dynamic_batch: bool, opset: int | None, custom_translations: dict | None,
+                  timings: dict[str, float]) -> _Exported:
+    """Export the fused model, or the gating and value parts (``split``); ``dlgn`` is in eval mode."""
+    input_names = unique_names([s.name for s in dlgn.input_specs])
+    gate_names = [f"gate_{i}" for i in range(len(dlgn.sites))]
+    with torch.no_grad():
+        example = dlgn.run(*examples, hard=True)
+    leaves = pytree.tree_leaves(example.output)
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise ExportError(f"the model's outputs must be tensors (possibly nested in tuples, lists or dicts) "
+                          f"to become ONNX outputs; got {[type(t).__name__ for t in leaves]}")
+    out_names = output_names(example.output)
+    batch = torch.export.Dim("batch") if dynamic_batch else None
+    in_shapes = tuple({0: batch} for _ in examples) if batch is not None else None
+    export = functools.partial(torch_export.export_part, opset=opset, custom_translations=custom_translations,
+                               files=graph_files(dlgn), timings=timings)
+    if split:
+        ep, gating = export(ExportModule(dlgn, "gating"), examples, in_shapes, input_names, gate_names,
+                            what="gating graph")
+        gate_shapes = tuple({a: batch} if a is not None else None for a in batch_axes(ep))
+        _, value = export(ExportModule(dlgn, "value"), examples + tuple(example.gates),
+                          in_shapes + gate_shapes if batch is not None else None,
+                          input_names + gate_names, out_names, what="value graph")
+        return _Exported([(targets[0], "gating", gating), (targets[1], "value", value)], input_names,
+                         len(out_names))
+    _, fused = export(ExportModule(dlgn, "fused", gates_output=True), examples, in_shapes, input_names,
+                      out_names + gate_names, what="DLGN")
+    restore = None if gates_output else strip_outputs(fused, set(gate_names))
+    return _Exported([(targets[0], "fused", fused)], input_names, len(out_names), restore)

@@ -3,17 +3,46 @@ a file, and staging (files are written beside their targets and moved into place
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
-import shutil
-import tempfile
-from typing import Any
+import time
+from typing import Any, Iterator, Sequence
 
 from .._version import __version__
 from ..dlgn import DLGN
 from ..errors import ExportError
+from ..utils.fs import StagedFiles
 from .report import OnnxFile
 
-__all__ = ["TWO_GIB", "add_metadata", "save", "files_of", "describe", "runnable", "Staging"]
+__all__ = ["TWO_GIB", "staged", "write", "add_metadata", "save", "files_of", "describe", "runnable"]
+
+
+@contextlib.contextmanager
+def staged(targets: Sequence[str]) -> Iterator[StagedFiles]:
+    """:class:`~relu2dlgn.utils.fs.StagedFiles` for ``targets`` (files are written and verified beside them, then
+    committed with ``os.replace``; on exit whatever was not committed is removed). A target that cannot be
+    written raises :class:`ExportError` before anything is written."""
+    try:
+        stage = StagedFiles(list(targets))
+    except (IsADirectoryError, FileNotFoundError) as exc:  # its checks: a target is a directory, or its directory
+        raise ExportError(str(exc)) from exc               # is missing; the message names them
+    except OSError as exc:  # creating the staging directory failed (permissions, read-only file system, ...)
+        raise ExportError(f"cannot write '{os.path.abspath(targets[0])}': {exc.strerror or exc} (nothing was "
+                          f"written)") from exc
+    with stage:
+        yield stage
+
+
+def write(protos: Sequence[tuple[str, str, Any]], stage: StagedFiles, dlgn: DLGN,
+          timings: dict[str, float]) -> list[OnnxFile]:
+    """Write each ``(target, part, ModelProto)`` to its staged path, with relu2dlgn's metadata; describe them."""
+    tick = time.perf_counter()
+    for target, part, proto in protos:
+        add_metadata(proto, dlgn, part)
+        save(proto, stage.path(target))
+    described = [describe(proto, stage.path(target), target) for target, _, proto in protos]
+    timings["write"] = time.perf_counter() - tick
+    return described
 
 
 def add_metadata(model_proto: Any, dlgn: DLGN, part: str) -> None:
@@ -47,7 +76,7 @@ def files_of(path: str) -> list[str]:
     return [data, path] if os.path.exists(data) else [path]
 
 
-def describe(model: Any, staged: str, final_path: str) -> OnnxFile:
+def describe(model: Any, staged_path: str, final_path: str) -> OnnxFile:
     ops: collections.Counter = collections.Counter()
     for node in model.graph.node:
         ops[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"] += 1
@@ -55,7 +84,7 @@ def describe(model: Any, staged: str, final_path: str) -> OnnxFile:
         for node in fn.node:
             ops[node.op_type] += 1
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    size = sum(os.path.getsize(p) for p in files_of(staged))
+    size = sum(os.path.getsize(p) for p in files_of(staged_path))
     initialisers = {i.name for i in model.graph.initializer}
     return OnnxFile(final_path, size, opset, [i.name for i in model.graph.input if i.name not in initialisers],
                     [o.name for o in model.graph.output], dict(ops))
@@ -63,45 +92,10 @@ def describe(model: Any, staged: str, final_path: str) -> OnnxFile:
 
 def runnable(model: Any, beside: str) -> str | bytes:
     """What onnxruntime can load ``model`` from: its bytes, or, once its weights live in an external data
-    file (over 2 GiB: ``_save`` moved them there), a file ``beside`` in that file's directory."""
+    file (over 2 GiB: :func:`save` moved them there), a file ``beside`` in that file's directory."""
     from onnx.external_data_helper import uses_external_data
 
     if model.ByteSize() > TWO_GIB or any(uses_external_data(t) for t in model.graph.initializer):
         save(model, beside)
         return beside
     return model.SerializeToString()
-
-
-class Staging:
-    """A temporary directory next to the targets; files are written and verified there, then each is moved
-    into place with ``os.replace`` (atomic on one filesystem). On error nothing reaches the targets."""
-
-    def __init__(self, targets: list[str]):
-        self.targets = [os.path.abspath(t) for t in targets]
-        parent = os.path.dirname(self.targets[0])
-        for t in self.targets:
-            if os.path.isdir(t):
-                raise ExportError(f"cannot write '{t}': it is a directory")
-        if not os.path.isdir(parent):
-            raise ExportError(f"cannot write '{self.targets[0]}': directory '{parent}' does not exist")
-        try:
-            self.dir = tempfile.mkdtemp(prefix=f".{os.path.basename(self.targets[0])}.tmp-", dir=parent)
-        except OSError as exc:
-            raise ExportError(f"cannot write '{self.targets[0]}': {exc.strerror or exc} (nothing was written)") \
-                from exc
-
-    def path(self, target: str) -> str:
-        return os.path.join(self.dir, os.path.basename(target))
-
-    def extra(self, name: str) -> str:
-        """A file in the staging directory that is not committed."""
-        return os.path.join(self.dir, name)
-
-    def commit(self) -> None:
-        for target in self.targets:
-            staged = self.path(target)
-            for src in files_of(staged):  # external data first, so the model never points at a missing file
-                os.replace(src, os.path.join(os.path.dirname(target), os.path.basename(src)))
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)

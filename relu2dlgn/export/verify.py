@@ -13,8 +13,8 @@ from torch.utils import _pytree as pytree
 
 from ..dlgn import DLGN
 from ..errors import ExportError
+from ..utils.fs import StagedFiles
 from .diagnostics import root_message
-from .files import Staging
 from .report import SiteAgreement, Verification
 
 __all__ = ["PROVIDER", "run_onnx", "check_and_verify"]
@@ -168,10 +168,10 @@ def _verify(dlgn: DLGN, run: Callable[[dict], tuple[list, list | None]],
 
 
 
-def check_and_verify(dlgn: DLGN, targets: list[str], stage: Staging, hidden_gates: Any | None, split: bool,
-                      input_names: list[str], num_outputs: int, examples: tuple[torch.Tensor, ...], batch: int,
-                      seed: int, rtol: float, gate_tol: float, dynamic_batch: bool,
-                      timings: dict[str, float]) -> Verification:
+def check_and_verify(dlgn: DLGN, targets: list[str], stage: StagedFiles, hidden_gates: Callable[[], str | bytes] | None,
+                     split: bool, input_names: list[str], num_outputs: int, examples: tuple[torch.Tensor, ...],
+                     batch: int, seed: int, rtol: float, gate_tol: float, dynamic_batch: bool,
+                     timings: dict[str, float]) -> Verification:
     """onnx.checker on the staged files, then :func:`_verify` with onnxruntime sessions on them.
 
     ``hidden_gates``: for a fused file without gate outputs, a callable giving the same model with them
