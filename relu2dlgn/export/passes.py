@@ -2,7 +2,6 @@
 per-plane max-pool index offsets."""
 from __future__ import annotations
 
-import collections
 from typing import Any, Callable
 
 import numpy as np
@@ -41,99 +40,77 @@ def strip_outputs(model_proto: Any, names: set[str]) -> Callable[[], None]:
     return restore
 
 
-def cheap_pool_offsets(model_proto: Any) -> int:
-    """Make max-pool gates cheaper: torchlib turns ONNX's MaxPool indices (flat over the whole tensor) into
-    PyTorch's per-plane ones by running a second MaxPool (kernel 1, with indices) over the whole input and
-    slicing out the offset of each plane. Replace that pass (a quarter to a third of a max-pool gate's time in
-    onnxruntime) by the offsets' arithmetic: ``(n * C + c) * prod(spatial)``. Returns how many were replaced."""
-    import onnx
-    from onnx import helper, numpy_helper
+# --------------------------------------------------------------------------------------------------
+# cheaper per-plane max-pool indices: an onnxscript rewrite rule
+# --------------------------------------------------------------------------------------------------
+#
+# torchlib turns ONNX's MaxPool indices (flat over the whole tensor) into PyTorch's per-plane ones by running a
+# second MaxPool (kernel 1, with indices) over the whole input and slicing out the offset of each plane:
+#
+#     _, indices = MaxPool(x, kernel_shape=[1, ...])       # its values output unused
+#     offsets = Slice(indices, starts=[0, ...], ends=[1, ...], axes=[2, ...])
+#
+# That pass is a quarter to a third of a max-pool gate's time in onnxruntime. The rule below replaces it by the
+# offsets' arithmetic, ``(n * C + c) * prod(spatial)`` shaped [N, C, 1, ...]. The matcher only replaces nodes whose
+# other outputs are unused (the kernel-1 MaxPool's values, and its indices outside the Slice), which is the
+# condition under which the MaxPool may go.
 
-    graph = model_proto.graph
-    opset = next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 18:
-        return 0
-    consumers: dict[str, list] = collections.defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    graph_outputs = {o.name for o in graph.output}
-
-    replaced = 0
-    new_nodes = []
-    dropped: set[str] = set()  # outputs of the Slice nodes replaced
-    orphans: set[str] = set()  # their constant inputs
-    for node in graph.node:
-        if node.op_type == "Slice" and node.output[0] in dropped:
-            continue
-        pattern = _offset_pattern(node, consumers, constants, graph_outputs)
-        if pattern is None:
-            new_nodes.append(onnx.NodeProto.FromString(node.SerializeToString()))
-            continue
-        slice_node, nd = pattern
-        x, delta, tag = node.input[0], slice_node.output[0], f"{slice_node.output[0]}__r2d"
-
-        def const(name: str, values: list[int], scalar: bool = False) -> Any:
-            array = np.array(values[0] if scalar else values, dtype=np.int64)
-            return helper.make_node("Constant", [], [f"{tag}_{name}"], value=numpy_helper.from_array(array))
-
-        new_nodes += [
-            const("zero", [0], scalar=True), const("one", [1], scalar=True), const("ones", [1] * nd),
-            helper.make_node("Shape", [x], [f"{tag}_nc"], start=0, end=2),
-            helper.make_node("Shape", [x], [f"{tag}_spatial"], start=2),
-            helper.make_node("ReduceProd", [f"{tag}_nc"], [f"{tag}_planes"], keepdims=0),
-            helper.make_node("ReduceProd", [f"{tag}_spatial"], [f"{tag}_plane"], keepdims=0),
-            helper.make_node("Range", [f"{tag}_zero", f"{tag}_planes", f"{tag}_one"], [f"{tag}_range"]),
-            helper.make_node("Mul", [f"{tag}_range", f"{tag}_plane"], [f"{tag}_flat"]),
-            helper.make_node("Concat", [f"{tag}_nc", f"{tag}_ones"], [f"{tag}_shape"], axis=0),
-            helper.make_node("Reshape", [f"{tag}_flat", f"{tag}_shape"], [delta]),
-        ]
-        dropped.add(delta)
-        orphans.update(slice_node.input[1:])
-        replaced += 1
-    if replaced:
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        orphans -= {name for n in graph.node for name in n.input}
-        for i in reversed(range(len(graph.initializer))):
-            if graph.initializer[i].name in orphans:
-                del graph.initializer[i]
-    return replaced
+def _pool_offsets_target(op: Any, x: Any, starts: Any, ends: Any, axes: Any) -> Any:
+    _, indices = op.MaxPool(x, _outputs=2)
+    return op.Slice(indices, starts, ends, axes, _allow_other_inputs=True, _outputs=["offsets"])
 
 
-def _offset_pattern(node: Any, consumers: dict, constants: dict, graph_outputs: set) -> tuple[Any, int] | None:
-    """``(slice_node, spatial rank)`` if ``node`` is torchlib's kernel-1 MaxPool feeding only a Slice that takes
-    the first element of every spatial axis (the per-plane offsets), else ``None``."""
-    from onnx import helper
+def _ints(value: Any) -> list[int] | None:
+    from onnxscript import ir
 
-    if node.op_type != "MaxPool" or node.domain not in ("", "ai.onnx") or len(node.output) != 2:
-        return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    kernel = list(attrs.get("kernel_shape", []))
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
+
+
+def _pool_offsets_condition(context: Any, x: Any, starts: Any, ends: Any, axes: Any, offsets: Any, **_: Any) -> bool:
+    """The MaxPool has kernel, strides 1 and no padding; the Slice takes element 0 of every spatial axis."""
+    if context.model.opset_imports.get("", 0) < 18:
+        return False
+    slice_node = offsets.producer()
+    attrs = slice_node.inputs[0].producer().attributes
+    kernel = list(attrs.get_ints("kernel_shape", ()))
     nd = len(kernel)
-    if not kernel or kernel != [1] * nd or list(attrs.get("strides", [1] * nd)) != [1] * nd or \
-            any(attrs.get("pads", [0] * 2 * nd)) or attrs.get("storage_order", 0) != 0:
-        return None
-    if node.output[0] and (consumers.get(node.output[0]) or node.output[0] in graph_outputs):
-        return None
-    users = consumers.get(node.output[1], [])
-    if len(users) != 1 or users[0].op_type != "Slice" or node.output[1] in graph_outputs:
-        return None
-    slice_node = users[0]
-    ins = list(slice_node.input) + [""] * (5 - len(slice_node.input))
-    starts, ends, axes = (constants.get(n) if n else None for n in ins[1:4])
-    if starts is None or ends is None or axes is None or (ins[4] and constants.get(ins[4]) is None):
-        return None
-    steps = constants.get(ins[4]) if ins[4] else np.ones(nd, dtype=np.int64)
-    axes = [int(a) % (nd + 2) for a in axes]
-    if sorted(axes) != list(range(2, nd + 2)) or list(starts) != [0] * nd or list(ends) != [1] * nd or \
-            list(steps) != [1] * nd:
-        return None
-    return slice_node, nd
+    if not nd or kernel != [1] * nd or list(attrs.get_ints("strides", [1] * nd)) != [1] * nd or \
+            any(attrs.get_ints("pads", [0] * 2 * nd)) or attrs.get_int("storage_order", 0) != 0:
+        return False
+    steps = slice_node.inputs[4] if len(slice_node.inputs) > 4 else None
+    steps_ints = _ints(steps) if steps is not None else [1] * nd
+    starts_ints, ends_ints, axes_ints = _ints(starts), _ints(ends), _ints(axes)
+    if None in (starts_ints, ends_ints, axes_ints, steps_ints):
+        return False
+    return sorted(a % (nd + 2) for a in axes_ints) == list(range(2, nd + 2)) and starts_ints == [0] * nd and \
+        ends_ints == [1] * nd and steps_ints == [1] * nd
+
+
+def _pool_offsets_replacement(op: Any, x: Any, axes: Any, **_: Any) -> Any:
+    from onnxscript import ir
+
+    def int64(values: Any) -> Any:
+        return op.Constant(value=ir.tensor(np.array(values, dtype=np.int64)))
+
+    nc = op.Shape(x, start=0, end=2)
+    plane = op.ReduceProd(op.Shape(x, start=2), keepdims=0)
+    planes = op.ReduceProd(nc, keepdims=0)
+    flat = op.Mul(op.Range(int64(0), planes, int64(1)), plane)
+    return op.Reshape(flat, op.Concat(nc, int64([1] * len(_ints(axes))), axis=0))
+
+
+def cheap_pool_offsets(model: Any) -> int:
+    """Replace torchlib's per-plane index offsets of max-pool gates (a second, kernel-1 MaxPool) by arithmetic,
+    in place in an ``onnx_ir`` model (opset >= 18). Returns how many were replaced."""
+    from onnxscript.ir.passes.common import RemoveUnusedNodesPass
+    from onnxscript.rewriter import pattern
+
+    rule = pattern.RewriteRule(_pool_offsets_target, _pool_offsets_replacement, _pool_offsets_condition)
+    count = pattern.RewriteRuleSet([rule]).apply_to_model(model)
+    if count:
+        RemoveUnusedNodesPass()(model)  # the Slice's constant starts / ends / axes
+    return count
 
 
 def _subgraph_inputs(node: Any) -> set[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import time
 import warnings
 from typing import Any, Iterator
@@ -30,6 +31,8 @@ from .module import ExportModule
 from .passes import cheap_pool_offsets
 
 __all__ = ["EXPORTER", "export_part", "batch_axes"]
+
+logger = logging.getLogger(__name__)
 
 EXPORTER = "torch.export + torch.onnx (onnxscript)"
 
@@ -65,8 +68,10 @@ def export_part(module: ExportModule, args: tuple, dynamic_shapes: tuple | None,
                                         verbose=False)
     except Exception as exc:
         raise diagnostics.translation_failure(exc, ep, files, what=what) from exc
+    replaced = cheap_pool_offsets(program.model)
+    if replaced:
+        logger.debug("%s: %d max-pool index offsets computed arithmetically", what, replaced)
     proto = program.model_proto
-    cheap_pool_offsets(proto)
     timings["onnx"] = timings.get("onnx", 0.0) + time.perf_counter() - tick
     return ep, proto
 
