@@ -12,12 +12,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import relu2dlgn
 from relu2dlgn import ExportError
+from relu2dlgn.export import diagnostics
 from relu2dlgn.export import files as export_files
 from relu2dlgn.export import torch_export
 from relu2dlgn.export import verify as export_verify
@@ -253,7 +255,7 @@ def test_batch_one_example_and_static_batch(tmp_path):
     assert static.verification.batch == 2
     dims = onnx.load(tmp_path / "static.onnx").graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [2, 3, 16, 16]
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidArgument, match=r"invalid dimensions for input: x.*\n index: 0 Got: 3 Expected: 2"):
         run(tmp_path / "static.onnx", torch.randn(3, 3, 16, 16))
     with pytest.raises(ExportError, match="exactly 2"):
         export_onnx(dlgn, tmp_path / "bad.onnx", torch.randn(2, 3, 16, 16), dynamic_batch=False, verify_batch=3)
@@ -315,8 +317,8 @@ def test_shape_guards_are_specialised_at_the_example_shape(tmp_path):
     xb = torch.randn(4, 3, 10, 10)
     with torch.no_grad():
         assert rel_err(torch.from_numpy(run(tmp_path / "m.onnx", xb)[0]), dlgn.eval()(xb)) < 1e-5
-    with pytest.raises(Exception):  # the spatial size is fixed, as the guard requires
-        run(tmp_path / "m.onnx", torch.randn(2, 3, 20, 20))
+    with pytest.raises(InvalidArgument, match=r"invalid dimensions for input: x.*\n index: 2 Got: 20 Expected: 10"):
+        run(tmp_path / "m.onnx", torch.randn(2, 3, 20, 20))  # the spatial size is fixed, as the guard requires
 
 
 # --------------------------------------------------------------------------------------------------
@@ -554,6 +556,7 @@ def test_op_without_onnx_lowering_is_named(tmp_path):
                                           r"'wobble_default' of the value graph") as info:
         export_onnx(dlgn, tmp_path / "m.onnx", x)
     assert "strict=False" in str(info.value) and "custom_translations" in str(info.value)
+    assert "\x1b" not in str(info.value)  # torch's colour codes are removed
     assert not os.listdir(tmp_path)
 
 
@@ -564,6 +567,43 @@ def test_untraceable_python_is_named(tmp_path):
                                           r"'numpy_round_trip' of the value graph"):
         export_onnx(dlgn, tmp_path / "m.onnx", x)
     assert not os.listdir(tmp_path)
+
+
+def test_stack_trace_format_is_what_diagnostics_parse():
+    """diagnostics reads where an ExportedProgram node comes from in the DLGN out of its ``meta["stack_trace"]``,
+    which torch keeps only as formatted text; this pins that format (and the fx-node lookup) on a real export."""
+    from relu2dlgn.export.module import ExportModule
+
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(Opaque("custom").eval(), example_inputs=(x,), strict=False).eval()
+    ep = torch.export.export(ExportModule(dlgn, "fused"), (x,), strict=False)
+    node = next(n for n in ep.graph.nodes if n.target is torch.ops.relu2dlgn_test.wobble.default)
+    files = diagnostics.graph_files(dlgn)
+    frames = [(m.group("file"), int(m.group("line"))) for m in diagnostics.STACK_FRAME.finditer(node.meta["stack_trace"])]
+    assert any(f in files for f, _ in frames), node.meta["stack_trace"]
+    assert diagnostics.locate_in_stack_trace(node.meta["stack_trace"], files) == \
+        "node 'wobble_default' of the value graph (call_function relu2dlgn_test.wobble.default, module '<root>')"
+
+
+def test_translation_failure_is_read_structurally():
+    """The op without an ONNX lowering and its DLGN node come from torch.onnx's exception types and traceback
+    frames, not from its text: the same failure with every message blanked is diagnosed the same way."""
+    from relu2dlgn.export.module import ExportModule
+
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(Opaque("custom").eval(), example_inputs=(x,), strict=False).eval()
+    files = diagnostics.graph_files(dlgn)
+    with pytest.raises(ExportError, match="no ONNX lowering") as info:
+        torch_export.export_part(ExportModule(dlgn, "fused"), (x,), None, ["x"], ["output"], what="DLGN",
+                                 opset=None, custom_translations=None, files=files, timings={})
+    torch_error = e = info.value.__cause__
+    while e is not None:
+        e.args = ()
+        assert str(e) == "", type(e)
+        e = e.__cause__ or e.__context__
+    assert str(diagnostics.translation_failure(torch_error, files, what="DLGN")).startswith(
+        "no ONNX lowering for op relu2dlgn_test.wobble.default at node 'wobble_default' of the value graph "
+        "(call_function relu2dlgn_test.wobble.default, module '<root>') in the DLGN")
 
 
 def test_custom_translation_makes_it_exportable(tmp_path):

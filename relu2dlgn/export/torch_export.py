@@ -67,7 +67,7 @@ def export_part(module: ExportModule, args: tuple, dynamic_shapes: tuple | None,
                                         custom_translation_table=custom_translations, optimize=True,
                                         verbose=False)
     except Exception as exc:
-        raise diagnostics.translation_failure(exc, ep, files, what=what) from exc
+        raise diagnostics.translation_failure(exc, files, what=what) from exc
     replaced = cheap_pool_offsets(program.model)
     if replaced:
         logger.debug("%s: %d max-pool index offsets computed arithmetically", what, replaced)
