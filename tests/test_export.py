@@ -354,7 +354,9 @@ def _offsets_graph(values_used: bool, steps: bool):
     """torchlib's per-plane offset computation on its own: MaxPool(kernel 1) -> Slice of the indices."""
     from onnx import TensorProto, helper, numpy_helper
 
-    ints = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.int64), name)  # noqa: E731
+    def ints(name, values):
+        return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
     nodes = [helper.make_node("MaxPool", ["x"], ["values", "indices"], kernel_shape=[1, 1], strides=[1, 1]),
              helper.make_node("Slice", ["indices", "starts", "ends", "axes"] + (["steps"] if steps else []),
                               ["offsets"])]

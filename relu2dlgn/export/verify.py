@@ -38,12 +38,12 @@ def _fresh_batch(examples: Sequence[torch.Tensor], batch: int, seed: int) -> tup
     return tuple(out)
 
 
-def _session(path: str):
+def _session(source: str | bytes) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(path, opts, providers=[PROVIDER])
+    return ort.InferenceSession(source, opts, providers=[PROVIDER])
 
 
 def run_onnx(session: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -121,8 +121,7 @@ def _verify(dlgn: DLGN, run: Callable[[dict], tuple[list, list | None]],
     outs, g_np = run(feeds)
     with torch.no_grad():
         reference = dlgn.run(*(x.clone() for x in xs), hard=True)
-    qs, g_ref, ref = reference.pre_activations, reference.gates, pytree.tree_leaves(reference.output)
-    e2e_problems, max_abs, p99, beyond, scale = _output_errors(outs, ref, rtol)
+    e2e_problems, max_abs, p99, beyond, scale = _output_errors(outs, pytree.tree_leaves(reference.output), rtol)
     figures = dict(batch=batch, provider=PROVIDER, rtol=rtol, gate_tol=gate_tol, scale=scale, max_abs=max_abs,
                    p99_abs=p99, beyond_tol=beyond)
     problems: list[str] = []
@@ -135,7 +134,28 @@ def _verify(dlgn: DLGN, run: Callable[[dict], tuple[list, list | None]],
                 problems.append(f"output {i} of the written file differs from the same graph with gate outputs")
 
     g_onnx = [torch.from_numpy(np.ascontiguousarray(g)) for g in g_np]
-    sites = []
+    sites, gate_problems, usable = _gate_agreement(dlgn, reference.pre_activations, reference.gates, g_onnx,
+                                                   gate_tol)
+    problems += gate_problems
+    value_err = None
+    value_scale = scale
+    if usable:
+        with torch.no_grad():
+            cond = pytree.tree_leaves(dlgn.value_forward([x.clone() for x in xs], g_onnx))
+        value_problems, value_err, _, _, value_scale = _output_errors(outs, cond, rtol)
+        problems += [f"{p} (against PyTorch's value network fed onnxruntime's gates)" for p in value_problems]
+    else:
+        problems += e2e_problems
+    return Verification(**figures, value_max_abs=value_err, value_scale=value_scale, sites=sites,
+                        problems=problems)
+
+
+def _gate_agreement(dlgn: DLGN, qs: Sequence[torch.Tensor], g_ref: Sequence[torch.Tensor],
+                    g_onnx: Sequence[torch.Tensor], gate_tol: float) -> tuple[list[SiteAgreement], list[str], bool]:
+    """Per site: how many of onnxruntime's gates differ from PyTorch's and how far from a tie. Returns the
+    agreements, the problems, and whether onnxruntime's gates can be fed to PyTorch's value network."""
+    sites: list[SiteAgreement] = []
+    problems: list[str] = []
     usable = len(g_onnx) == len(g_ref)
     if not usable:
         problems.append(f"onnxruntime gives {len(g_onnx)} gates, PyTorch {len(g_ref)}")
@@ -154,28 +174,11 @@ def _verify(dlgn: DLGN, run: Callable[[dict], tuple[list, list | None]],
                             f"(gap {worst:.3g} of max|q| > {gate_tol:g}): the gating graph does not compute "
                             f"PyTorch's pre-activations")
             usable = usable and math.isfinite(worst)
-    value_err = None
-    value_scale = scale
-    if usable:
-        with torch.no_grad():
-            cond = pytree.tree_leaves(dlgn.value_forward([x.clone() for x in xs], g_onnx))
-        value_problems, value_err, _, _, value_scale = _output_errors(outs, cond, rtol)
-        problems += [f"{p} (against PyTorch's value network fed onnxruntime's gates)" for p in value_problems]
-    else:
-        problems += e2e_problems
-    return Verification(**figures, value_max_abs=value_err, value_scale=value_scale, sites=sites,
-                        problems=problems)
+    return sites, problems, usable
 
 
-
-def check_and_verify(dlgn: DLGN, targets: list[str], stage: StagedFiles, hidden_gates: Callable[[], str | bytes] | None,
-                     split: bool, input_names: list[str], num_outputs: int, examples: tuple[torch.Tensor, ...],
-                     batch: int, seed: int, rtol: float, gate_tol: float, dynamic_batch: bool,
-                     timings: dict[str, float]) -> Verification:
-    """onnx.checker on the staged files, then :func:`_verify` with onnxruntime sessions on them.
-
-    ``hidden_gates``: for a fused file without gate outputs, a callable giving the same model with them
-    (loaded only if needed)."""
+def _check_models(targets: list[str], stage: StagedFiles, timings: dict[str, float]) -> None:
+    """``onnx.checker.check_model(full_check=True)`` on each staged file."""
     import onnx
 
     tick = time.perf_counter()
@@ -186,15 +189,20 @@ def check_and_verify(dlgn: DLGN, targets: list[str], stage: StagedFiles, hidden_
             raise ExportError(f"onnx.checker rejects the exported {os.path.basename(target)}: "
                               f"{root_message(exc)}") from exc
     timings["check"] = time.perf_counter() - tick
-    tick = time.perf_counter()
 
-    def load(source: str | bytes) -> Any:
-        try:
-            return _session(source)
-        except Exception as exc:
-            raise ExportError(f"onnxruntime cannot load the exported model: {root_message(exc)}") from exc
 
-    sessions = [load(stage.path(t)) for t in targets]
+def _load(source: str | bytes) -> Any:
+    try:
+        return _session(source)
+    except Exception as exc:
+        raise ExportError(f"onnxruntime cannot load the exported model: {root_message(exc)}") from exc
+
+
+def _runners(targets: list[str], stage: StagedFiles, hidden_gates: Callable[[], str | bytes] | None, split: bool,
+             num_outputs: int) -> tuple[Callable, Callable | None]:
+    """``run(feeds) -> (outputs, gates or None)`` on the staged files, and, for a fused file that hides its gates,
+    ``run_with_gates(feeds) -> (outputs, gates)`` on the same graph with gate outputs (loaded when called)."""
+    sessions = [_load(stage.path(t)) for t in targets]
 
     def run(feeds: dict) -> tuple[list, list | None]:
         if split:
@@ -206,13 +214,28 @@ def check_and_verify(dlgn: DLGN, targets: list[str], stage: StagedFiles, hidden_
         return res[:num_outputs], (res[num_outputs:] if hidden_gates is None else None)
 
     def run_with_gates(feeds: dict) -> tuple[list, list]:
-        session = load(hidden_gates())
+        assert hidden_gates is not None
+        session = _load(hidden_gates())
         res = run_onnx(session, _feeds_for(session, feeds))
         return res[:num_outputs], res[num_outputs:]
 
+    return run, (run_with_gates if hidden_gates is not None else None)
+
+
+def check_and_verify(dlgn: DLGN, targets: list[str], stage: StagedFiles, hidden_gates: Callable[[], str | bytes] | None,
+                     split: bool, input_names: list[str], num_outputs: int, examples: tuple[torch.Tensor, ...],
+                     batch: int, seed: int, rtol: float, gate_tol: float, dynamic_batch: bool,
+                     timings: dict[str, float]) -> Verification:
+    """onnx.checker on the staged files, then :func:`_verify` with onnxruntime sessions on them; raises
+    :class:`ExportError` unless the files reproduce the PyTorch model.
+
+    ``hidden_gates``: for a fused file without gate outputs, a callable giving the same model with them
+    (loaded only if needed)."""
+    _check_models(targets, stage, timings)
+    tick = time.perf_counter()
+    run, run_with_gates = _runners(targets, stage, hidden_gates, split, num_outputs)
     try:
-        verification = _verify(dlgn, run, run_with_gates if hidden_gates is not None else None, input_names,
-                               examples, batch, seed, rtol, gate_tol)
+        verification = _verify(dlgn, run, run_with_gates, input_names, examples, batch, seed, rtol, gate_tol)
     except ExportError:
         raise
     except Exception as exc:
