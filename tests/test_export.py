@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 import numpy as np
 import onnx
@@ -451,9 +452,18 @@ def test_unwritable_path_writes_nothing_and_fails_before_exporting(tmp_path, mon
     monkeypatch.setattr(torch_export, "export_part", no_export)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    for bad in (tmp_path / "missing" / "m.onnx", blocker / "m.onnx", tmp_path):
-        with pytest.raises(ExportError, match="cannot write"):
+    for bad, why in ((tmp_path / "missing" / "m.onnx", "directory .* does not exist"),
+                     (blocker / "m.onnx", "directory .* does not exist"), (tmp_path, "it is a directory")):
+        with pytest.raises(ExportError, match=f"cannot write .*: {why}"):
             export_onnx(dlgn, bad, torch.randn(2, 3, 16, 16))
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)  # an unwritable directory (the tests may run as root)
+    with pytest.raises(ExportError, match=r"cannot write '.*m\.onnx': Permission denied \(nothing was written\)"):
+        export_onnx(dlgn, tmp_path / "m.onnx", torch.randn(2, 3, 16, 16))
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
@@ -581,8 +591,9 @@ def test_stack_trace_format_is_what_diagnostics_parse():
     ep = torch.export.export(ExportModule(dlgn, "fused"), (x,), strict=False)
     node = next(n for n in ep.graph.nodes if n.target is torch.ops.relu2dlgn_test.wobble.default)
     files = diagnostics.graph_files(dlgn)
-    frames = [(m.group("file"), int(m.group("line"))) for m in diagnostics.STACK_FRAME.finditer(node.meta["stack_trace"])]
-    assert any(f in files for f, _ in frames), node.meta["stack_trace"]
+    stack = node.meta["stack_trace"]
+    frames = [(m.group("file"), int(m.group("line"))) for m in diagnostics.STACK_FRAME.finditer(stack)]
+    assert any(f in files and line > 0 for f, line in frames), stack
     assert diagnostics.locate_in_stack_trace(node.meta["stack_trace"], files) == \
         "node 'wobble_default' of the value graph (call_function relu2dlgn_test.wobble.default, module '<root>')"
 

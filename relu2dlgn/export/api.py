@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_RTOL = 1e-4
 DEFAULT_GATE_TOL = 1e-4
 
-_sizes = Check(lambda v: len(v) > 0 and all(isinstance(d, int) and d > 0 for d in v), "positive sizes such as 3,224,224")
+_sizes = Check(lambda v: len(v) > 0 and all(isinstance(d, int) and d > 0 for d in v),
+               "positive sizes such as 3,224,224")
 
 
 @dataclass

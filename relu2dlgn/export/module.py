@@ -56,6 +56,7 @@ class ExportModule(nn.Module):
 
 
 def output_names(example_out: Any) -> list[str]:
+    """ONNX names of the model's output leaves: ``output`` for a single one, else ``output_<key path>``."""
     leaves = pytree.tree_flatten_with_path(example_out)[0]
     if len(leaves) == 1:
         return ["output"]
@@ -70,6 +71,7 @@ def output_names(example_out: Any) -> list[str]:
 
 
 def unique_names(names: list[str]) -> list[str]:
+    """``names`` with repeats suffixed ``_1``, ``_2``, ... (ONNX input names must be unique)."""
     seen: dict[str, int] = {}
     out = []
     for n in names:
@@ -80,7 +82,6 @@ def unique_names(names: list[str]) -> list[str]:
             seen[n] = 0
         out.append(n)
     return out
-
 
 
 def check_ceil_mode(dlgn: DLGN, examples: tuple) -> None:
