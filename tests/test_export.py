@@ -5,21 +5,29 @@ onnxruntime sessions opened here on the written files.
 """
 from __future__ import annotations
 
-import argparse
 import os
+import tempfile
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import relu2dlgn
 from relu2dlgn import ExportError
-from relu2dlgn import export as export_mod
-from relu2dlgn.export import add_export_parser, export_onnx, split_paths
+from relu2dlgn.export import diagnostics
+from relu2dlgn.export import files as export_files
+from relu2dlgn.export import torch_export
+from relu2dlgn.export import verify as export_verify
+from helpers import run_cli
+from relu2dlgn.cli.args import resolve
+from relu2dlgn.cli.export import ExportCommand
+from relu2dlgn.cli.main import build_parser
+from relu2dlgn.export import ExportOptions, export_onnx, split_paths
 
 from _models import TinyNet, build, input_size, randomize_bn, rel_err
 
@@ -250,7 +258,7 @@ def test_batch_one_example_and_static_batch(tmp_path):
     assert static.verification.batch == 2
     dims = onnx.load(tmp_path / "static.onnx").graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [2, 3, 16, 16]
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidArgument, match=r"invalid dimensions for input: x.*\n index: 0 Got: 3 Expected: 2"):
         run(tmp_path / "static.onnx", torch.randn(3, 3, 16, 16))
     with pytest.raises(ExportError, match="exactly 2"):
         export_onnx(dlgn, tmp_path / "bad.onnx", torch.randn(2, 3, 16, 16), dynamic_batch=False, verify_batch=3)
@@ -312,8 +320,78 @@ def test_shape_guards_are_specialised_at_the_example_shape(tmp_path):
     xb = torch.randn(4, 3, 10, 10)
     with torch.no_grad():
         assert rel_err(torch.from_numpy(run(tmp_path / "m.onnx", xb)[0]), dlgn.eval()(xb)) < 1e-5
-    with pytest.raises(Exception):  # the spatial size is fixed, as the guard requires
-        run(tmp_path / "m.onnx", torch.randn(2, 3, 20, 20))
+    with pytest.raises(InvalidArgument, match=r"invalid dimensions for input: x.*\n index: 2 Got: 20 Expected: 10"):
+        run(tmp_path / "m.onnx", torch.randn(2, 3, 20, 20))  # the spatial size is fixed, as the guard requires
+
+
+# --------------------------------------------------------------------------------------------------
+# max-pool gates: one MaxPool (passes.cheap_pool_offsets)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opset", [None, 18])
+def test_max_pool_gate_exports_one_max_pool(tmp_path, monkeypatch, opset):
+    """torchlib derives PyTorch's per-plane indices from a second, kernel-1 MaxPool; the rewrite rule replaces it
+    by arithmetic: the file holds exactly one MaxPool, the gate's, and reproduces PyTorch. Without the rule there
+    are two (if torchlib stops emitting the pattern, this fails and the rule can go)."""
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(x,))
+    assert [s.kind for s in dlgn.sites].count("maxpool") == 1
+    report = export_onnx(dlgn, tmp_path / "m.onnx", x, gates_output=True, opset=opset)
+    pools = [n for n in onnx.load(tmp_path / "m.onnx").graph.node if n.op_type == "MaxPool"]
+    assert len(pools) == 1 and report.files[0].ops["MaxPool"] == 1
+    assert list(onnx.helper.get_attribute_value(next(a for a in pools[0].attribute if a.name == "kernel_shape"))) \
+        == [2, 2]
+    assert {"Range", "ReduceProd", "GatherElements"} <= set(report.files[0].ops) and report.verification.ok
+    xb = torch.randn(3, 3, 16, 16)
+    res = run(tmp_path / "m.onnx", xb)
+    check_parity(dlgn, (xb,), res[:1], res[1:])
+
+    monkeypatch.setattr(torch_export, "cheap_pool_offsets", lambda model: 0)
+    plain = export_onnx(dlgn, tmp_path / "plain.onnx", x, gates_output=True, opset=opset)
+    assert plain.files[0].ops["MaxPool"] == 2 and "Range" not in plain.files[0].ops
+    for a, b in zip(run(tmp_path / "plain.onnx", xb), res):
+        np.testing.assert_array_equal(a, b)
+
+
+def _offsets_graph(values_used: bool, steps: bool):
+    """torchlib's per-plane offset computation on its own: MaxPool(kernel 1) -> Slice of the indices."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def ints(name, values):
+        return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+    nodes = [helper.make_node("MaxPool", ["x"], ["values", "indices"], kernel_shape=[1, 1], strides=[1, 1]),
+             helper.make_node("Slice", ["indices", "starts", "ends", "axes"] + (["steps"] if steps else []),
+                              ["offsets"])]
+    outputs = [helper.make_tensor_value_info("offsets", TensorProto.INT64, ["N", 3, 1, 1])]
+    if values_used:
+        outputs.append(helper.make_tensor_value_info("values", TensorProto.FLOAT, ["N", 3, 5, 4]))
+    inits = [ints("starts", [0, 0]), ints("ends", [1, 1]), ints("axes", [2, 3])] + ([ints("steps", [1, 1])]
+                                                                                     if steps else [])
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 4])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("values_used,steps", [(False, False), (False, True), (True, False)])
+def test_pool_offsets_rule(values_used, steps):
+    """The rule fires only where the kernel-1 MaxPool can go (its values unused) and gives the same offsets."""
+    from onnxscript import ir
+
+    from relu2dlgn.export.passes import cheap_pool_offsets
+
+    proto = _offsets_graph(values_used, steps)
+    model = ir.serde.deserialize_model(proto)
+    assert cheap_pool_offsets(model) == (0 if values_used else 1)
+    rewritten = ir.serde.serialize_model(model)
+    onnx.checker.check_model(rewritten, full_check=True)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count("MaxPool") == (1 if values_used else 0) and ("Slice" in ops) == values_used
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    ref = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[0].reshape(-1), np.arange(6) * 20)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,7 +425,7 @@ def _histogram(path) -> dict[str, int]:
 
 
 def test_models_over_2gib_keep_weights_in_a_data_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(export_mod, "_TWO_GIB", 1024)  # pretend every model is over the protobuf limit
+    monkeypatch.setattr(export_files, "TWO_GIB", 1024)  # pretend every model is over the protobuf limit
     x = torch.randn(2, 3, 16, 16)
     dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(x,))
     report = export_onnx(dlgn, tmp_path / "m.onnx", x)
@@ -373,24 +451,33 @@ def test_unwritable_path_writes_nothing_and_fails_before_exporting(tmp_path, mon
     def no_export(*a, **k):
         raise AssertionError("exported although the path cannot be written")
 
-    monkeypatch.setattr(export_mod, "_export_part", no_export)
+    monkeypatch.setattr(torch_export, "export_part", no_export)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    for bad in (tmp_path / "missing" / "m.onnx", blocker / "m.onnx", tmp_path):
-        with pytest.raises(ExportError, match="cannot write"):
+    for bad, why in ((tmp_path / "missing" / "m.onnx", "directory .* does not exist"),
+                     (blocker / "m.onnx", "directory .* does not exist"), (tmp_path, "it is a directory")):
+        with pytest.raises(ExportError, match=f"cannot write .*: {why}"):
             export_onnx(dlgn, bad, torch.randn(2, 3, 16, 16))
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)  # an unwritable directory (the tests may run as root)
+    with pytest.raises(ExportError, match=r"cannot write '.*m\.onnx': Permission denied \(nothing was written\)"):
+        export_onnx(dlgn, tmp_path / "m.onnx", torch.randn(2, 3, 16, 16))
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
 def _perturb_outputs(monkeypatch, factor: float):
-    real = export_mod._run_onnx
+    real = export_verify.run_onnx
 
     def perturbed(session, feeds):
         res = real(session, feeds)
         names = [o.name for o in session.get_outputs()]
         return [r * factor if n.startswith("output") else r for r, n in zip(res, names)]
 
-    monkeypatch.setattr(export_mod, "_run_onnx", perturbed)
+    monkeypatch.setattr(export_verify, "run_onnx", perturbed)
 
 
 @pytest.mark.parametrize("kw", [{}, {"gates_output": True}, {"split": True}])
@@ -412,7 +499,7 @@ def test_parity_failure_raises_and_keeps_the_old_file(tmp_path, monkeypatch, kw)
 
 def _flip_one_gate(monkeypatch, dlgn, pick):
     """Make onnxruntime's gate_0 differ from PyTorch at the element ``pick(|q|)`` of site 0."""
-    real = export_mod._run_onnx
+    real = export_verify.run_onnx
 
     def flipped(session, feeds):
         res = real(session, feeds)
@@ -425,7 +512,7 @@ def _flip_one_gate(monkeypatch, dlgn, pick):
             g.flat[i] = 1.0 - g.flat[i]
         return res
 
-    monkeypatch.setattr(export_mod, "_run_onnx", flipped)
+    monkeypatch.setattr(export_verify, "run_onnx", flipped)
 
 
 def test_gate_flip_at_a_tie_is_accepted_and_reported(tmp_path, monkeypatch):
@@ -483,6 +570,7 @@ def test_op_without_onnx_lowering_is_named(tmp_path):
                                           r"'wobble_default' of the value graph") as info:
         export_onnx(dlgn, tmp_path / "m.onnx", x)
     assert "strict=False" in str(info.value) and "custom_translations" in str(info.value)
+    assert "\x1b" not in str(info.value)  # torch's colour codes are removed
     assert not os.listdir(tmp_path)
 
 
@@ -493,6 +581,44 @@ def test_untraceable_python_is_named(tmp_path):
                                           r"'numpy_round_trip' of the value graph"):
         export_onnx(dlgn, tmp_path / "m.onnx", x)
     assert not os.listdir(tmp_path)
+
+
+def test_stack_trace_format_is_what_diagnostics_parse():
+    """diagnostics reads where an ExportedProgram node comes from in the DLGN out of its ``meta["stack_trace"]``,
+    which torch keeps only as formatted text; this pins that format (and the fx-node lookup) on a real export."""
+    from relu2dlgn.export.module import ExportModule
+
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(Opaque("custom").eval(), example_inputs=(x,), strict=False).eval()
+    ep = torch.export.export(ExportModule(dlgn, "fused"), (x,), strict=False)
+    node = next(n for n in ep.graph.nodes if n.target is torch.ops.relu2dlgn_test.wobble.default)
+    files = diagnostics.graph_files(dlgn)
+    stack = node.meta["stack_trace"]
+    frames = [(m.group("file"), int(m.group("line"))) for m in diagnostics.STACK_FRAME.finditer(stack)]
+    assert any(f in files and line > 0 for f, line in frames), stack
+    assert diagnostics.locate_in_stack_trace(node.meta["stack_trace"], files) == \
+        "node 'wobble_default' of the value graph (call_function relu2dlgn_test.wobble.default, module '<root>')"
+
+
+def test_translation_failure_is_read_structurally():
+    """The op without an ONNX lowering and its DLGN node come from torch.onnx's exception types and traceback
+    frames, not from its text: the same failure with every message blanked is diagnosed the same way."""
+    from relu2dlgn.export.module import ExportModule
+
+    x = torch.randn(2, 3, 16, 16)
+    dlgn = relu2dlgn.convert(Opaque("custom").eval(), example_inputs=(x,), strict=False).eval()
+    files = diagnostics.graph_files(dlgn)
+    with pytest.raises(ExportError, match="no ONNX lowering") as info:
+        torch_export.export_part(ExportModule(dlgn, "fused"), (x,), None, ["x"], ["output"], what="DLGN",
+                                 opset=None, custom_translations=None, files=files, timings={})
+    torch_error = e = info.value.__cause__
+    while e is not None:
+        e.args = ()
+        assert str(e) == "", type(e)
+        e = e.__cause__ or e.__context__
+    assert str(diagnostics.translation_failure(torch_error, files, what="DLGN")).startswith(
+        "no ONNX lowering for op relu2dlgn_test.wobble.default at node 'wobble_default' of the value graph "
+        "(call_function relu2dlgn_test.wobble.default, module '<root>') in the DLGN")
 
 
 def test_custom_translation_makes_it_exportable(tmp_path):
@@ -512,11 +638,7 @@ def test_custom_translation_makes_it_exportable(tmp_path):
 # command line
 # --------------------------------------------------------------------------------------------------
 
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="relu2dlgn")
-    add_export_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+_cli = run_cli
 
 
 def test_cli_export(tmp_path, capsys):
@@ -534,11 +656,40 @@ def test_cli_export(tmp_path, capsys):
     assert [d.dim_value for d in dims][1:] == [3, 20, 20]
 
 
-def test_cli_needs_an_input_size_when_none_was_saved(tmp_path):
+def test_export_options_match_export_onnx_and_the_cli():
+    """ExportOptions (what a generated command line sets) has export_onnx's defaults and today's flags' defaults."""
+    import dataclasses
+    import inspect
+
+    from relu2dlgn.errors import OptionError
+    from relu2dlgn.options import validate
+
+    opts = ExportOptions()
+    assert [f.name for f in dataclasses.fields(opts)] == ["split", "opset", "gates_output", "dynamic_batch", "verify",
+                                                         "batch", "input_size"]
+    params = inspect.signature(export_onnx).parameters
+    for name in ("split", "opset", "gates_output", "dynamic_batch", "verify"):
+        assert getattr(opts, name) == params[name].default, name
+    args = build_parser().parse_args(["export", "saved", "--out", "m.onnx"])
+    assert resolve(ExportCommand, args).export == opts              # the flags' defaults are the options'
+    args = build_parser().parse_args(["export", "saved", "--out", "m.onnx", "--no-dynamic-batch", "--no-verify",
+                                      "--split", "--opset", "18", "--input-size", "3,8,8", "--batch", "3"])
+    assert resolve(ExportCommand, args).export == ExportOptions(split=True, opset=18, dynamic_batch=False,
+                                                                verify=False, batch=3, input_size=(3, 8, 8))
+    validate(opts)
+    validate(ExportOptions(opset=18, input_size=(3, 32, 32), batch=1, dynamic_batch=False))
+    with pytest.raises(OptionError, match=r"input_size=\(3, 0, 4\).*positive sizes"):
+        validate(ExportOptions(input_size=(3, 0, 4)))
+    with pytest.raises(OptionError, match=r"batch=0.*>= 1"):
+        validate(ExportOptions(batch=0))
+
+
+def test_cli_needs_an_input_size_when_none_was_saved(tmp_path, capsys):
     saved = tmp_path / "saved"
     dlgn = relu2dlgn.convert(TinyNet().eval())
     assert dlgn.input_specs[0].example_shape is None
     dlgn.save(str(saved))
-    with pytest.raises(ExportError, match="--input-size"):
-        _cli(["export", str(saved), "--out", str(tmp_path / "m.onnx")])
+    assert _cli(["export", str(saved), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "ExportError: the model records no example shape for input(s) x; give input_size (--input-size C,H,W)" \
+        in capsys.readouterr().err
     assert _cli(["export", str(saved), "--out", str(tmp_path / "m.onnx"), "--input-size", "3,16,16"]) == 0

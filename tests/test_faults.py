@@ -90,8 +90,8 @@ def test_save_on_a_full_disk_keeps_the_previous_save(tmp_path, monkeypatch):
 
 
 def test_export_on_a_full_disk_writes_nothing(tmp_path, monkeypatch):
-    from relu2dlgn import export as E
-    monkeypatch.setattr(E, "_save", _full_disk)
+    from relu2dlgn.export import files
+    monkeypatch.setattr(files, "save", _full_disk)
     d = _dlgn().eval()
     with pytest.raises((relu2dlgn.ExportError, OSError), match="No space left"):
         relu2dlgn.export_onnx(d, str(tmp_path / "m.onnx"), example_inputs=(torch.randn(2, 3, 8, 8),))
