@@ -62,7 +62,8 @@ def convert(
         strict: DLGN only: raise :class:`ConversionError` listing every nonlinearity that is not a gate
             (sigmoid, softmax, GELU, products of two input-dependent tensors, ...). ``False`` keeps them and
             records them in ``dlgn.report``. DGN keeps (and reports) them always.
-        leaf_modules: module types or module paths to keep opaque (not traced into).
+        leaf_modules: module types or module paths to keep opaque (not traced into); remembered as
+            ``dlgn.leaf_modules`` (fine-tuning traces the teacher with them).
 
     Returns:
         a :class:`DLGN`; ``dlgn(x) == dlgn.value(value_input(x), *dlgn.gates(x))``. Its ``state_dict`` mirrors
@@ -79,6 +80,7 @@ def convert(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     _check_model(model)
+    leaf_modules = tuple(leaf_modules)
 
     cap = capture(model, example_inputs, leaf_modules)
     sites, nonlinear = find_sites(cap.graph, cap.modules)
@@ -114,7 +116,7 @@ def convert(
                                              for n, c in standins],
                               train_differs=cap.train_differs)
     dlgn = DLGN(gating, value, records, mode=mode, value_input=value_input, beta=beta, pool=report.pool,
-                report=report, input_specs=_input_specs(cap, model))
+                report=report, input_specs=_input_specs(cap, model), leaf_modules=leaf_modules)
     dlgn.train(model.training)
     if example_inputs is not None:
         _record_shapes(dlgn, tuple(example_inputs))

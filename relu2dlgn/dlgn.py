@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -33,6 +33,10 @@ class DLGNOutput:
     gates: tuple[torch.Tensor, ...]
 
 
+_FLOAT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+                 nn.GroupNorm)
+
+
 class DLGN(nn.Module):
     """A deep (linearly) gated network: ``forward(x) = value(value_input(x), *gates(x))``.
 
@@ -42,6 +46,8 @@ class DLGN(nn.Module):
     * ``value``: ``fx.GraphModule``, ``(value input(s), *gates)`` -> the source model's output structure.
 
     ``value_input="input"`` feeds ``x`` to the value network, ``"ones"`` a tensor of ones shaped like ``x``.
+    ``leaf_modules``: the module types / paths the conversion kept opaque; the fine-tuning teacher (the source
+    network) is traced with them.
 
     Example::
 
@@ -52,7 +58,7 @@ class DLGN(nn.Module):
 
     def __init__(self, gating: fx.GraphModule, value: fx.GraphModule, sites: Sequence[GateSite], *, mode: Mode,
                  value_input: ValueInput, beta: float, pool: Pool, report: ConversionReport,
-                 input_specs: Sequence[InputSpec]):
+                 input_specs: Sequence[InputSpec], leaf_modules: Iterable[type | str] = ()):
         super().__init__()
         self.gating = gating
         self.value = value
@@ -64,10 +70,12 @@ class DLGN(nn.Module):
         self.report = report
         self.input_specs = list(input_specs)
         self.beta = beta
+        self.leaf_modules: tuple[type | str, ...] = tuple(leaf_modules)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "_specs" in state:  # saved by relu2dlgn 0.1 (format version 1)
             state["_gate_specs"] = tuple(state.pop("_specs"))
+        state.setdefault("leaf_modules", ())
         super().__setstate__(state)
 
     # -- configuration -------------------------------------------------------------------------------
@@ -115,7 +123,9 @@ class DLGN(nn.Module):
 
     # -- checks ---------------------------------------------------------------------------------------
     def check_inputs(self, inputs: Sequence[Any]) -> None:
-        """Raise :class:`InputError` naming the input and what is wrong with it (count, rank, device, dtype)."""
+        """Raise :class:`InputError` naming the input and what is wrong with it (count, rank, device, dtype: a
+        floating-point input of another precision than the model's, or an integer / bool input to a layer that
+        needs floating point)."""
         if len(inputs) != len(self.input_specs):
             names = ", ".join(s.name for s in self.input_specs)
             raise InputError(f"{type(self).__name__} expects {len(self.input_specs)} input(s) ({names}), "
@@ -133,9 +143,34 @@ class DLGN(nn.Module):
                     raise InputError(f"input {i} ('{spec.name}') is on {x.device} but the model is on "
                                      f"{ref.device}; move one of them (model.to(device) or x.to(device))")
                 dtype = self.dtype
+                if not x.is_floating_point() and ref.is_floating_point():
+                    reader = self._float_reader(i)
+                    if reader is not None:
+                        raise InputError(f"input {i} ('{spec.name}') has dtype {x.dtype} but the layer that reads it, "
+                                         f"{reader}, needs floating point ({dtype}); convert it (x.to({dtype}))")
                 if x.is_floating_point() and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
                     raise InputError(f"input {i} ('{spec.name}') has dtype {x.dtype} but the model's parameters "
                                      f"are {dtype}; convert one of them (x.to({dtype}) or model.to(...))")
+
+    def _float_reader(self, index: int) -> str | None:
+        """The first layer reading input ``index`` directly if it needs a floating-point input (convolution,
+        linear, normalisation), as ``"path (Type)"``; ``None`` when no such layer reads it (an embedding does)."""
+        placeholders = [n for n in self.gating.graph.nodes if n.op == "placeholder"]
+        if index >= len(placeholders):
+            return None
+        todo, seen = list(placeholders[index].users), set()
+        while todo:
+            node = todo.pop(0)
+            if node in seen:
+                continue
+            seen.add(node)
+            if node.op == "call_method" and node.target in ("clone", "contiguous"):
+                todo += list(node.users)
+            elif node.op == "call_module":
+                m = self.gating.get_submodule(str(node.target))
+                if isinstance(m, _FLOAT_LAYERS):
+                    return f"{node.target} ({type(m).__name__})"
+        return None
 
     # -- running the two graphs ---------------------------------------------------------------------------
     def pre_activations(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -202,8 +237,25 @@ class DLGN(nn.Module):
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DLGN:
     """Load a DLGN saved with :meth:`DLGN.save`. Raises :class:`LoadError` naming the file and the problem."""
-    model, _ = serialize.read_model(path, map_location)
+    model, config = serialize.read_model(path, map_location)
+    graphs = os.path.join(os.fspath(path), serialize.GRAPHS)
     if not isinstance(model, DLGN):
-        raise LoadError(f"{os.path.join(os.fspath(path), serialize.GRAPHS)}: does not hold a DLGN "
-                        f"(found {type(model).__name__})")
+        raise LoadError(f"{graphs}: does not hold a DLGN (found {type(model).__name__})")
+    _check_config(model, config, os.path.join(os.fspath(path), serialize.CONFIG), graphs)
     return model
+
+
+_CONFIG_KEYS = ("mode", "value_input", "pool", "beta", "training", "inputs", "sites")
+
+
+def _check_config(model: DLGN, config: dict[str, Any], config_path: str, graphs_path: str) -> None:
+    """:class:`LoadError` if ``config.json`` says something else than the saved graphs (an edited config: the
+    graphs are what runs, so an edit would be silently ignored)."""
+    actual = model.config()
+    for key in _CONFIG_KEYS:
+        if key in config and config[key] != actual[key]:
+            shown = lambda v: (repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "...")  # noqa: E731
+            raise LoadError(f"{config_path}: {key}={shown(config[key])} disagrees with the saved graphs "
+                            f"({graphs_path}: {key}={shown(actual[key])}); the config was edited or damaged after the "
+                            f"save. Restore it, or load, set the attribute and save again")
+

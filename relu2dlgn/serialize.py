@@ -3,8 +3,9 @@ the module and its config, and checks the class of what it reads back).
 
 A saved model is a directory:
 
-* ``config.json`` — format version, the model's options and site table (written by the caller), and the weight
-  manifest (``weights``: name, shape, dtype of every tensor);
+* ``config.json`` — format version, the model's options and site table (written by the caller), the weight
+  manifest (``weights``: name, shape, dtype of every tensor) and, from format version 2, the SHA-256 checksum and
+  size of each of the two files below (``files``), verified on load;
 * ``model.safetensors`` — every parameter and persistent buffer;
 * ``graphs.pt`` — the module structure (for a DLGN: both fx graphs and their submodules) with every tensor in
   ``model.safetensors`` replaced by a ``meta`` tensor, so it holds no weights. It is a pickle: load only
@@ -13,10 +14,13 @@ A saved model is a directory:
 The directory is written with :func:`relu2dlgn.utils.fs.atomic_dir`: an interrupted save never leaves a
 half-written model at ``path``, and an existing save is replaced only by a complete one; if the process dies
 between the two renames of the replacement, :func:`read_model` finds the previous save (``path.old-*``).
+
+Format versions: 1 (relu2dlgn 0.1: no checksums) is still read; 2 adds ``files``.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import warnings
@@ -29,8 +33,18 @@ from ._version import __version__
 from .errors import LoadError
 from .utils.fs import atomic_dir, previous_version
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CHECKSUMS_SINCE = 2  # the first format version whose config records the files' checksums
 CONFIG, WEIGHTS, GRAPHS = "config.json", "model.safetensors", "graphs.pt"
+
+
+def sha256_of(path: str) -> str:
+    """The hex SHA-256 digest of a file (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _skeleton(module: nn.Module) -> nn.Module:
@@ -71,6 +85,8 @@ def write_model(module: nn.Module, config: dict[str, Any], path: str | os.PathLi
     with atomic_dir(path) as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "pt", "relu2dlgn": __version__})
         torch.save(_skeleton(module), os.path.join(tmp, GRAPHS))
+        config["files"] = {name: {"sha256": sha256_of(os.path.join(tmp, name)),
+                                  "size": os.path.getsize(os.path.join(tmp, name))} for name in (WEIGHTS, GRAPHS)}
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(config, f, indent=2)
 
@@ -79,7 +95,8 @@ def read_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """``(module, config)`` from a directory written by :func:`write_model`.
 
     Raises :class:`LoadError` naming the file and the problem: no such directory, an unreadable or newer
-    config, a missing/truncated/corrupted weights or graph file, weights of another architecture."""
+    config, a missing/truncated/corrupted weights or graph file, weights of another architecture, a file whose
+    checksum differs from the one recorded at save time (format version 2)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -122,9 +139,33 @@ def read_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if not isinstance(skel, nn.Module):
         raise LoadError(f"{graphs_path}: does not hold a model (found {type(skel).__name__})")
     _check_weights(skel, state, weights_path, graphs_path)
+    if version >= CHECKSUMS_SINCE:  # after parsing, so that a truncated or mismatched file is named as such
+        _verify_checksums(path, config, config_path)
     skel.load_state_dict(state, strict=True, assign=True)
     skel.to(map_location)
     return skel, config
+
+
+def _verify_checksums(path: str, config: dict[str, Any], config_path: str) -> None:
+    """Each file's SHA-256 against the one ``config.json`` records (:class:`LoadError` naming the file)."""
+    files = config.get("files")
+    if not isinstance(files, dict) or not all(isinstance(files.get(n), dict) and isinstance(files[n].get("sha256"), str)
+                                              for n in (WEIGHTS, GRAPHS)):
+        raise LoadError(f"{config_path}: no checksums of {WEIGHTS} and {GRAPHS} ('files'), which format version "
+                        f"{config['format_version']} records; the config was damaged or edited")
+    for name in (WEIGHTS, GRAPHS):
+        file_path = os.path.join(path, name)
+        if not os.path.exists(file_path):
+            raise LoadError(f"{file_path}: missing")
+        recorded = files[name]["sha256"]
+        try:
+            found = sha256_of(file_path)
+        except OSError as exc:
+            raise LoadError(f"{file_path}: unreadable ({exc})") from None
+        if found != recorded:
+            raise LoadError(f"{file_path}: sha256 checksum {found[:16]}... does not match the one recorded in "
+                            f"{CONFIG} at save time ({recorded[:16]}...): the file was changed or damaged after it was "
+                            f"saved (a flipped bit, a partial copy); restore it from a good copy")
 
 
 def _check_weights(skel: nn.Module, state: dict[str, torch.Tensor], weights_path: str, graphs_path: str) -> None:

@@ -151,3 +151,53 @@ def test_format_version_1_saves_still_load(mode):
     assert torch.equal(out, ref[mode])
     if mode == "dgn":
         assert torch.allclose(out, ref["src"], rtol=1e-6, atol=1e-6)
+
+
+# -- integrity (issue 10, item 13): checksummed files, a config that must agree with the graphs ---------------
+
+def _flip_a_bit(path, offset_from_end=64):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_records_a_checksum_of_each_file(saved):
+    import hashlib
+    cfg = json.loads((saved / "config.json").read_text())
+    assert cfg["format_version"] == 2
+    for name in ("model.safetensors", "graphs.pt"):
+        assert cfg["files"][name]["sha256"] == hashlib.sha256((saved / name).read_bytes()).hexdigest()
+
+
+def test_a_bit_flip_in_the_weights_is_a_load_error(saved):
+    """A flipped bit in a weight used to load silently (a wrong model)."""
+    _flip_a_bit(saved / "model.safetensors")
+    with pytest.raises(relu2dlgn.LoadError, match=r"model[.]safetensors: sha256 checksum .* does not match"):
+        relu2dlgn.load(saved)
+
+
+def test_a_graph_file_from_another_save_is_a_load_error(saved, tmp_path):
+    other = tmp_path / "other"
+    relu2dlgn.convert(TinyNet(), mode="dlgn", beta=3.0).save(other)
+    os.replace(other / "graphs.pt", saved / "graphs.pt")
+    with pytest.raises(relu2dlgn.LoadError, match=r"graphs[.]pt: sha256 checksum .* does not match"):
+        relu2dlgn.load(saved)
+
+
+@pytest.mark.parametrize("key,value", [("mode", "dgn"), ("beta", 3.0), ("value_input", "ones"), ("pool", "avg")])
+def test_a_config_that_disagrees_with_the_graphs_is_a_load_error(saved, key, value):
+    """Edits to config.json used to be ignored silently on load."""
+    cfg = json.loads((saved / "config.json").read_text())
+    before = cfg[key]
+    cfg[key] = value
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(relu2dlgn.LoadError, match=rf"config[.]json.*{key}={value!r}.*{before!r}"):
+        relu2dlgn.load(saved)
+
+
+def test_a_config_without_checksums_is_refused_from_format_version_2(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    del cfg["files"]
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(relu2dlgn.LoadError, match=r"config[.]json: no checksums"):
+        relu2dlgn.load(saved)
