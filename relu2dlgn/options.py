@@ -65,6 +65,8 @@ positive = Check(lambda v: _finite(v) and v > 0, "a finite number > 0")
 non_negative = Check(lambda v: _finite(v) and v >= 0, "a finite number >= 0")
 fraction = Check(lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
 fraction_below_one = Check(lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)")
+positive_sizes = Check(lambda v: len(v) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v),
+                       "positive sizes such as 3,224,224")
 
 
 def at_least(n: int) -> Check:
@@ -123,6 +125,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if members is not None:
         return value in members
     origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in get_args(tp))
     if origin in (tuple, list):
         inner = [a for a in get_args(tp) if a is not Ellipsis]
         return isinstance(value, (tuple, list)) and all(_type_ok(v, inner[0]) for v in value) if inner else \
@@ -139,7 +143,12 @@ def _type_ok(value: Any, tp: Any) -> bool:
 def _describe_type(tp: Any) -> str:
     tp, optional = unwrap_optional(tp)
     members = choices(tp)
-    text = " | ".join(repr(m) for m in members) if members else getattr(tp, "__name__", str(tp))
+    if members:
+        text = " | ".join(repr(m) for m in members)
+    elif get_origin(tp) in (Union, types.UnionType):
+        text = " | ".join(getattr(a, "__name__", str(a)) for a in get_args(tp))
+    else:
+        text = getattr(tp, "__name__", str(tp))
     return text + (" or None" if optional else "")
 
 

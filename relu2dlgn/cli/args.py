@@ -2,15 +2,20 @@
 
 Every flag comes from one :func:`relu2dlgn.options.option` field: its name (``lr`` → ``--lr``, unless the
 field names its ``flags``), type (``Literal`` → ``choices``; ``bool`` → ``--x/--no-x``; ``tuple[int, ...]`` →
-``3,224,224``), default and help. Precedence when resolving: the field's default < ``--config FILE`` < a flag
-given on the command line.
+``3,224,224``; ``int | str`` → an integer if the text is one), default and help. Precedence when resolving: the
+field's default < ``--config FILE`` < a flag given on the command line.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any, TypeVar, get_origin
+import types
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+import torch
+from torch import nn
 
 from .. import options as O
+from ..errors import InputError, Relu2DlgnError
 
 T = TypeVar("T")
 
@@ -24,6 +29,14 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not dims or any(d <= 0 for d in dims):
         raise argparse.ArgumentTypeError(f"expected positive sizes like 3,224,224, got {text!r}")
     return dims
+
+
+def int_or_str(text: str) -> int | str:
+    """``"1"`` → ``1`` (an index), anything else as is (a key): the type of ``int | str`` options."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _flag_kwargs(leaf: O.LeafOption) -> dict[str, Any]:
@@ -42,6 +55,8 @@ def _flag_kwargs(leaf: O.LeafOption) -> dict[str, Any]:
         kw.update(type=parse_shape, metavar=kw.get("metavar", "C,H,W"))
     elif tp in (int, float, str):
         kw["type"] = tp
+    elif get_origin(tp) in (Union, types.UnionType) and set(get_args(tp)) == {int, str}:
+        kw["type"] = int_or_str
     return kw
 
 
@@ -76,3 +91,23 @@ def resolve(cls: type[T], args: argparse.Namespace, *, what: str = "option") -> 
     given = {leaf.name: getattr(args, leaf.name) for leaf in O.flat_fields(cls) if hasattr(args, leaf.name)}
     return O.from_flat(cls, base, what=what, **given)
 
+
+
+def shape_flag(size: tuple[int, ...]) -> str:
+    """``(3, 32)`` → ``"--input-size 3,32"``, how an error names the flag the user gave."""
+    return "--input-size " + ",".join(str(d) for d in size)
+
+
+def check_example_runs(model: nn.Module, example: tuple[torch.Tensor, ...], size: tuple[int, ...]) -> None:
+    """Run ``model`` (its modes preserved, no gradients) on the example made from ``--input-size``; whatever
+    it raises becomes one :class:`InputError` naming the flag, the shape and the model's complaint."""
+    from ..utils.modes import eval_mode
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*example)
+    except Relu2DlgnError:
+        raise
+    except Exception as exc:  # the model's own error: shape, channels, rank
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"{shape_flag(size)}: {type(model).__name__} cannot run on an example input of shape "
+                         f"{tuple(example[0].shape)} ({type(exc).__name__}: {text})") from None

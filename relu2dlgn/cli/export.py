@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..dlgn import load
-from ..errors import OptionError
+from ..errors import InputError, OptionError
 from ..export import ExportOptions, example_inputs_for, export_onnx
 from ..options import group, option
-from .args import add_config_flag, add_options, resolve
+from .args import add_config_flag, add_options, resolve, shape_flag
 
 
 @dataclass
@@ -40,5 +40,11 @@ def run(args: argparse.Namespace) -> int:
     o = cmd.export
     examples = example_inputs_for(dlgn, o.batch, o.input_size)
     kwargs = {k: v for k, v in dataclasses.asdict(o).items() if k not in ("batch", "input_size")}
-    print(export_onnx(dlgn, cmd.out, examples, **kwargs))
+    try:
+        report = export_onnx(dlgn, cmd.out, examples, **kwargs)
+    except InputError as exc:
+        if o.input_size is None:
+            raise
+        raise InputError(f"{shape_flag(o.input_size)}: {exc}") from None
+    print(report)
     return 0

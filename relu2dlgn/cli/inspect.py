@@ -10,16 +10,17 @@ import torch
 from ..capture import default_example_inputs
 from ..convert import ConvertOptions, convert
 from ..errors import OptionError
-from ..options import group, option
+from ..options import group, option, positive_sizes
 from ..zoo import ModelOptions, create_model
-from .args import add_config_flag, add_options, resolve
+from .args import add_config_flag, add_options, check_example_runs, resolve
 
 
 @dataclass
 class InspectOptions:
     source: ModelOptions = group(ModelOptions, "the model")
     conversion: ConvertOptions = group(ConvertOptions, "conversion")
-    input_size: tuple[int, ...] | None = option(None, "C,H,W of the example input (default: the model's own)")
+    input_size: tuple[int, ...] | None = option(None, "C,H,W of the example input (default: the model's own)",
+                                                check=positive_sizes)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     opts = resolve(InspectOptions, args)
     model = create_model(_required(opts.source.model), checkpoint=opts.source.checkpoint).eval()
     example = (torch.randn(1, *opts.input_size),) if opts.input_size else default_example_inputs(model)
+    if opts.input_size:
+        check_example_runs(model, example, opts.input_size)
     c = opts.conversion
     dlgn = convert(model, mode=c.mode, example_inputs=example, pool=c.pool, strict=c.strict,
                    value_input=c.value_input, beta=c.beta)

@@ -14,8 +14,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..dlgn import DLGN
-from ..errors import ExportError
-from ..options import Check, at_least, option
+from ..errors import ExportError, InputError, OptionError, Relu2DlgnError
+from ..options import at_least, option, positive_sizes
 from ..utils.modes import eval_mode
 from . import files, torch_export
 from .diagnostics import graph_files
@@ -32,9 +32,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_RTOL = 1e-4
 DEFAULT_GATE_TOL = 1e-4
 
-_sizes = Check(lambda v: len(v) > 0 and all(isinstance(d, int) and d > 0 for d in v),
-               "positive sizes such as 3,224,224")
-
 
 @dataclass
 class ExportOptions:
@@ -49,7 +46,7 @@ class ExportOptions:
     verify: bool = option(True, "check with onnx.checker and compare onnxruntime with PyTorch (--no-verify: skip)")
     batch: int = option(2, "batch size of the example input to trace with", check=at_least(1))
     input_size: tuple[int, ...] | None = option(
-        None, "C,H,W of the example input (default: the example shape saved with the model)", check=_sizes)
+        None, "C,H,W of the example input (default: the example shape saved with the model)", check=positive_sizes)
 
 
 def example_inputs_for(dlgn: DLGN, batch: int = 2, input_size: Sequence[int] | None = None,
@@ -249,8 +246,15 @@ def _export_parts(dlgn: DLGN, examples: tuple[torch.Tensor, ...], targets: list[
     """Export the fused model, or the gating and value parts (``split``); ``dlgn`` is in eval mode."""
     input_names = unique_names([s.name for s in dlgn.input_specs])
     gate_names = [f"gate_{i}" for i in range(len(dlgn.sites))]
-    with torch.no_grad():
-        example = dlgn.run(*examples, hard=True)
+    try:
+        with torch.no_grad():
+            example = dlgn.run(*examples, hard=True)
+    except Relu2DlgnError:
+        raise
+    except Exception as exc:  # the model's own complaint about the example (channels, sizes)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"the model cannot run on example input(s) of shape "
+                         f"{', '.join(str(tuple(x.shape)) for x in examples)} ({type(exc).__name__}: {text})") from None
     leaves = pytree.tree_leaves(example.output)
     if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
         raise ExportError(f"the model's outputs must be tensors (possibly nested in tuples, lists or dicts) "

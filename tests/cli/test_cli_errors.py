@@ -74,7 +74,7 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("size", ["3,32", "3,32,32,32", "1,16,16"])
 def test_export_with_an_input_size_the_model_cannot_take(saved, tmp_path, capsys, size):
     assert run_cli(["export", str(saved), "--out", str(tmp_path / "m.onnx"), "--input-size", size]) == 2
-    _one_error_line(capsys, "export", "InputError", "input_size")
+    _one_error_line(capsys, "export", "InputError", f"--input-size {size}")
     assert not (tmp_path / "m.onnx").exists()
 
 
