@@ -22,9 +22,11 @@ The package, one job per module: :mod:`.api` (:func:`export_onnx`, the orchestra
 :mod:`.files` (writing and staging the files), :mod:`.verify` (onnx.checker + onnxruntime against PyTorch) and
 :mod:`.report` (what is returned).
 """
-from .api import DEFAULT_GATE_TOL, DEFAULT_RTOL, ExportOptions, example_inputs_for, export_onnx, split_paths
+from .api import (DEFAULT_GATE_TOL, DEFAULT_RTOL, ExportOptions, default_tolerances, example_inputs_for, export_onnx,
+                  split_paths)
 from .report import ExportReport, OnnxFile, SiteAgreement, Verification
-from .torch_export import EXPORTER
+from .torch_export import EXPORTER, supported_opsets
 
 __all__ = ["export_onnx", "ExportReport", "OnnxFile", "Verification", "SiteAgreement", "split_paths",
-           "DEFAULT_RTOL", "DEFAULT_GATE_TOL", "EXPORTER", "ExportOptions", "example_inputs_for"]
+           "DEFAULT_RTOL", "DEFAULT_GATE_TOL", "default_tolerances", "EXPORTER", "supported_opsets", "ExportOptions",
+           "example_inputs_for"]

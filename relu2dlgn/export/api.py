@@ -25,12 +25,22 @@ from .report import ExportReport
 from .torch_export import EXPORTER, batch_axes
 from .verify import check_and_verify
 
-__all__ = ["export_onnx", "split_paths", "ExportOptions", "example_inputs_for", "DEFAULT_RTOL", "DEFAULT_GATE_TOL"]
+__all__ = ["export_onnx", "split_paths", "ExportOptions", "example_inputs_for", "DEFAULT_RTOL", "DEFAULT_GATE_TOL",
+           "default_tolerances"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RTOL = 1e-4
+DEFAULT_RTOL = 1e-4      # float32 and float64 models
 DEFAULT_GATE_TOL = 1e-4
+_EPS_FACTOR = 10         # lower precision: this many machine epsilons of the model's dtype
+
+
+def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """``(rtol, gate_tol)`` that :func:`export_onnx` uses for a model of ``dtype`` unless told otherwise:
+    :data:`DEFAULT_RTOL` / :data:`DEFAULT_GATE_TOL` for float32 and float64, and 10 machine epsilons for a
+    lower precision (float16: 9.8e-3, bfloat16: 7.8e-2), whose resolution alone exceeds 1e-4 of max|y|."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(DEFAULT_RTOL, _EPS_FACTOR * eps), max(DEFAULT_GATE_TOL, _EPS_FACTOR * eps)
 
 
 @dataclass
@@ -91,8 +101,8 @@ def export_onnx(
     gates_output: bool = False,
     verify: bool = True,
     verify_batch: int | None = None,
-    rtol: float = DEFAULT_RTOL,
-    gate_tol: float = DEFAULT_GATE_TOL,
+    rtol: float | None = None,
+    gate_tol: float | None = None,
     custom_translations: dict[Callable, Callable] | None = None,
     seed: int = 0,
 ) -> ExportReport:
@@ -112,7 +122,9 @@ def export_onnx(
             evaluated once, at the example's shape, during tracing. An example of batch 1 is tiled to 2
             for tracing (torch.export specialises size-1 axes).
         dynamic_batch: batch axis symbolic (``"batch"``); ``False`` fixes it to the example's.
-        opset: ONNX opset (default: the exporter's, currently 20).
+        opset: ONNX opset (default: the exporter's), from 18 (torch.onnx implements none lower) to the newest
+            the installed ``onnx`` knows (:func:`~relu2dlgn.export.torch_export.supported_opsets`); the file
+            written has exactly this opset.
         split: write two files instead, ``X.gating.onnx`` (inputs -> ``gate_0 ... gate_{n-1}``) and
             ``X.value.onnx`` (inputs, ``gate_0 ...`` -> outputs; it applies ``value_input`` itself, so with
             ``"ones"`` it uses the inputs' shape only) for ``path`` = ``X.onnx``; see :func:`split_paths`.
@@ -124,9 +136,10 @@ def export_onnx(
         verify: check the written model (see below); ``False`` skips the check.
         verify_batch: batch size of the verification batch (default: the traced batch + 1; with
             ``dynamic_batch=False`` it must be, and defaults to, the traced batch).
-        rtol: tolerance of the value-network check, relative to max |output|.
+        rtol: tolerance of the value-network check, relative to max |output| (default ``None``: by the model's
+            dtype, see :func:`default_tolerances`: 1e-4 for float32/float64, 10 machine epsilons below).
         gate_tol: how close to a tie a gate that differs between backends must be, relative to max |q| of
-            its site.
+            its site (default ``None``: by the model's dtype, as ``rtol``).
         custom_translations: passed to torch.onnx as ``custom_translation_table`` ({torch op: onnxscript
             function}) for ops without a built-in ONNX lowering.
         seed: seed of the verification batch.
@@ -162,12 +175,18 @@ def export_onnx(
         an :class:`ExportReport` (``print(report)``: errors, op histogram, file sizes, opset, names).
 
     Raises:
+        OptionError: ``opset`` outside the range this exporter writes (the message gives the range).
+        InputError: the example inputs do not fit the model (rank, dtype, device) or it cannot run on them.
         ExportError: the path cannot be written, torch.export or the ONNX translation fails (the message
             names the DLGN's fx node and module, and the op without ONNX lowering), or verification fails
             (the message has the figures).
     """
     start = time.perf_counter()
+    _check_opset(opset)
     examples, verify_batch = _checked_examples(dlgn, example_inputs, dynamic_batch, verify_batch)
+    by_dtype = default_tolerances(dlgn.dtype)
+    rtol = by_dtype[0] if rtol is None else rtol
+    gate_tol = by_dtype[1] if gate_tol is None else gate_tol
     path = os.fspath(path)
     targets = list(split_paths(path)) if split else [path]
     timings: dict[str, float] = {}
@@ -194,6 +213,15 @@ def export_onnx(
                         example_shapes=[tuple(x.shape) for x in examples], gates_output=gates_output and not split,
                         split=split, exporter=EXPORTER, seconds=time.perf_counter() - start,
                         verification=verification, timings=timings)
+
+
+def _check_opset(opset: int | None) -> None:
+    if opset is None:
+        return
+    lo, hi = torch_export.supported_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        raise OptionError(f"opset={opset!r}: this exporter writes ONNX opsets {lo} to {hi} (torch.onnx implements "
+                          f"none below {lo}; the installed onnx knows none above {hi})")
 
 
 def _checked_examples(dlgn: DLGN, example_inputs: torch.Tensor | Sequence[torch.Tensor], dynamic_batch: bool,

@@ -26,15 +26,30 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
+from ..errors import ExportError
 from . import diagnostics
 from .module import ExportModule
 from .passes import cheap_pool_offsets
 
-__all__ = ["EXPORTER", "export_part", "batch_axes"]
+__all__ = ["EXPORTER", "MIN_OPSET", "supported_opsets", "export_part", "batch_axes"]
 
 logger = logging.getLogger(__name__)
 
 EXPORTER = "torch.export + torch.onnx (onnxscript)"
+# torch.onnx implements no lower opset: asked for one, it exports opset 18, tries a version conversion that fails
+# for these graphs, and keeps 18, saying so only in a log line
+MIN_OPSET = 18
+
+
+def supported_opsets() -> tuple[int, int]:
+    """``(lowest, highest)`` ONNX opset this exporter writes: torch.onnx's lowest implemented opset, and the
+    newest that the installed ``onnx`` knows (the version converter's limit)."""
+    import onnx
+    return MIN_OPSET, int(onnx.defs.onnx_opset_version())
+
+
+def _written_opset(proto: Any) -> int | None:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 @contextlib.contextmanager
@@ -49,7 +64,10 @@ def _quiet() -> Iterator[None]:
 def export_part(module: ExportModule, args: tuple, dynamic_shapes: tuple | None, input_names: list[str],
                 output_names: list[str], *, what: str, opset: int | None, custom_translations: dict | None,
                 files: diagnostics.GraphFiles, timings: dict[str, float]) -> tuple[Any, Any]:
-    """torch.export the module, then translate the ExportedProgram to an ONNX ModelProto: ``(ep, proto)``."""
+    """torch.export the module, then translate the ExportedProgram to an ONNX ModelProto: ``(ep, proto)``.
+
+    Raises :class:`ExportError` when either step fails, or when the model written has another opset than the
+    ``opset`` asked for (torch.onnx falls back to its own when a version conversion fails)."""
     tick = time.perf_counter()
     try:
         with _quiet():
@@ -72,6 +90,10 @@ def export_part(module: ExportModule, args: tuple, dynamic_shapes: tuple | None,
     if replaced:
         logger.debug("%s: %d max-pool index offsets computed arithmetically", what, replaced)
     proto = program.model_proto
+    if opset is not None and _written_opset(proto) != opset:
+        lo, hi = supported_opsets()
+        raise ExportError(f"{what}: opset {opset} was asked for but torch.onnx wrote opset {_written_opset(proto)} "
+                          f"(its version conversion failed); this exporter writes opsets {lo} to {hi}")
     timings["onnx"] = timings.get("onnx", 0.0) + time.perf_counter() - tick
     return ep, proto
 
