@@ -36,4 +36,6 @@ class DataError(Relu2DlgnError, ValueError):
 
 
 class NonFiniteLossError(Relu2DlgnError, RuntimeError):
-    """The loss or the gradient became NaN/inf; training stopped before the bad update was applied."""
+    """The loss, the gradient or the model's state became NaN/inf; training stopped before the bad update was
+    applied (or before the bad state reached a checkpoint), and the message says what the in-memory model was
+    restored to."""

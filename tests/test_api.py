@@ -24,8 +24,8 @@ SIGNATURES = {
                "pool: 'Pool' = 'gate', strict: 'bool' = True, leaf_modules: 'Iterable[type | str]' = ()) -> 'DLGN'",
     "finetune": "(dlgn: 'DLGN', train_loader: 'Iterable', val_loader: 'Iterable | None' = None, *, teacher: "
                 "'nn.Module | Teacher | None' = None, epochs: 'int' = 5, config: 'FinetuneConfig | None' = None, "
-                "example_inputs: 'Sequence[torch.Tensor] | None' = None, leaf_modules: 'Iterable[type | str]' = (), "
-                "**options: 'Any') -> 'FinetuneResult'",
+                "example_inputs: 'Sequence[torch.Tensor] | None' = None, leaf_modules: 'Iterable[type | str] | None' = "
+                "None, **options: 'Any') -> 'FinetuneResult'",
     "export_onnx": "(dlgn: 'DLGN', path: 'str | os.PathLike', example_inputs: 'torch.Tensor | "
                    "Sequence[torch.Tensor]', *, dynamic_batch: 'bool' = True, opset: 'int | None' = None, split: "
                    "'bool' = False, gates_output: 'bool' = False, verify: 'bool' = True, verify_batch: 'int | None' "

@@ -19,7 +19,7 @@ from .trainer import Trainer
 
 def finetune(dlgn: DLGN, train_loader: Iterable, val_loader: Iterable | None = None, *,
              teacher: nn.Module | Teacher | None = None, epochs: int = 5, config: FinetuneConfig | None = None,
-             example_inputs: Sequence[torch.Tensor] | None = None, leaf_modules: Iterable[type | str] = (),
+             example_inputs: Sequence[torch.Tensor] | None = None, leaf_modules: Iterable[type | str] | None = None,
              **options: Any) -> FinetuneResult:
     """Fine-tune a converted DLGN in place on a classification task.
 
@@ -33,10 +33,15 @@ def finetune(dlgn: DLGN, train_loader: Iterable, val_loader: Iterable | None = N
     gates ``sigmoid(beta q)`` in training with ``beta`` annealed from ``dlgn.beta`` to three times that;
     validation with hard gates. Every :class:`FinetuneConfig` option can be passed as a keyword by its name
     (``lr=...``, ``freeze_gating=True``, ``out_dir=...``, ``resume=True``, ...), or all of them as ``config``.
-    ``leaf_modules``: those the DLGN was converted with, so that the teacher is traced alike.
+    ``leaf_modules``: those to trace the teacher with (default ``None``: the DLGN's own ``dlgn.leaf_modules``,
+    those it was converted with, so that the teacher is traced alike).
+    A model with several outputs (a tuple or dict) needs ``logits=`` (the index or key of the logits).
 
     Returns a :class:`FinetuneResult` (per-epoch history, best validation accuracy, one-line summary).
-    Raises :class:`~relu2dlgn.NonFiniteLossError` if the loss becomes NaN/inf (the last checkpoint stays intact).
+    Raises :class:`~relu2dlgn.NonFiniteLossError` if the loss, a gradient or the model's state becomes NaN/inf:
+    the last good checkpoint stays intact and the in-memory DLGN is put back to its last good state (see
+    :class:`Trainer`). Bad loaders, labels and checkpoints raise :class:`~relu2dlgn.InputError` /
+    :class:`~relu2dlgn.LoadError` naming them.
 
     Example::
 

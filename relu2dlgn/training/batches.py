@@ -1,11 +1,14 @@
-"""What a loader yields, turned into what a step consumes: ``(inputs, class indices)`` on the device."""
+"""What a loader yields, turned into what a step consumes: ``(inputs, class indices)`` on the device; and the
+up-front check of the loaders themselves."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from ..errors import InputError
+
+EMPTY_VAL = "val_loader yields no batch (an empty dataset?); pass val_loader=None to train without validation"
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -35,3 +38,18 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], torch.Tensor]:
         found = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
         raise InputError(f"targets must be a tensor of class indices (an integer dtype), got {found}")
     return inputs, y.long()
+
+
+def check_loaders(train_loader: Iterable, val_loader: Iterable | None) -> int:
+    """The number of training batches per epoch. :class:`InputError` when the training loader has no length or
+    no batch, or the validation loader has a length of 0 (a validation loader without a length that yields
+    nothing is refused by the first evaluation)."""
+    try:
+        steps = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise InputError("train_loader must have a length (a DataLoader over a map-style dataset)") from None
+    if steps == 0:
+        raise InputError("train_loader yields no batch (dataset smaller than one batch with drop_last?)")
+    if val_loader is not None and hasattr(val_loader, "__len__") and len(val_loader) == 0:  # type: ignore[arg-type]
+        raise InputError(EMPTY_VAL)
+    return steps

@@ -94,6 +94,9 @@ class FinetuneConfig:
     """
 
     epochs: int = option(5, "training epochs", check=at_least(1))
+    logits: int | str | None = option(None, "which output is the logits when the model returns several: its index "
+                                            "(tuple output) or key (dict output); default: the output itself, which "
+                                            "must then be one tensor", metavar="INDEX|KEY")
     optim: OptimOptions = group(OptimOptions, "optimiser and learning-rate schedule")
     gates: GateOptions = group(GateOptions, "soft gates, frozen networks, batch-norm re-estimation")
     distillation: DistillOptions = group(DistillOptions, "distillation from the source network")

@@ -18,7 +18,7 @@ max) where the DLGN equals the teacher.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,17 +72,52 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, q_teacher: torch.Tensor, be
     raise ValueError(f"unknown gate kind {spec.kind!r}")
 
 
-def select_logits(out: Any) -> torch.Tensor:
-    """The logits tensor of a classifier's output: the output itself, element 0 of a tuple/list, or
-    ``out["logits"]``. Raises :class:`InputError` for anything else."""
+def describe_output(out: Any) -> str:
+    """A short description of a model output's structure, for error messages."""
     if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if isinstance(out, dict) and "logits" in out:
-        return out["logits"]
-    raise InputError(f"fine-tuning needs a classifier whose output is a logits tensor (N, classes); "
-                     f"the model returned {type(out).__name__}")
+        return f"a {'' if out.is_floating_point() else str(out.dtype).replace('torch.', '') + ' '}tensor of shape " \
+               f"{tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        inner = ", ".join(describe_output(o) for o in out[:4]) + (", ..." if len(out) > 4 else "")
+        return f"a {type(out).__name__} of {len(out)} ({inner})"
+    if isinstance(out, Mapping):
+        return f"a dict with keys {', '.join(repr(k) for k in out)}"
+    return f"a {type(out).__name__}"
+
+
+def select_logits(out: Any, which: int | str | None = None, whose: str = "the model") -> torch.Tensor:
+    """The logits tensor (N, classes, ...) of a classifier's output, as the ``logits`` option names it: the output
+    itself (``None``: it must then be one tensor), element ``which`` of a tuple/list output (an ``int``), or
+    ``out[which]`` of a dict output (a ``str``).
+
+    Raises :class:`InputError` naming the output's structure and the option when the choice does not fit the
+    output — in particular for a tuple or dict output without ``logits``: which element is the logits is
+    ambiguous, and guessing (element 0 used to be taken) can train on the features."""
+    option = f"finetune option logits={which!r}"
+    if which is None:
+        if not isinstance(out, torch.Tensor):
+            raise InputError(f"{whose} returned {describe_output(out)}, not one logits tensor: say which output is "
+                             f"the logits with the finetune option logits= (an index, e.g. logits=1 / --logits 1, or "
+                             f"a dict key, e.g. logits='logits')")
+        logits = out
+    elif isinstance(which, int) and not isinstance(which, bool):
+        if not isinstance(out, (tuple, list)):
+            raise InputError(f"{option}: an index needs a tuple or list output, but {whose} returned "
+                             f"{describe_output(out)}")
+        if not -len(out) <= which < len(out):
+            raise InputError(f"{option}: out of range; {whose} returned {describe_output(out)}")
+        logits = out[which]
+    else:
+        if not isinstance(out, Mapping):
+            raise InputError(f"{option}: a key needs a dict output, but {whose} returned {describe_output(out)}")
+        if which not in out:
+            raise InputError(f"{option}: {whose} returned a dict with no key {which!r} (keys: "
+                             f"{', '.join(repr(k) for k in out)})")
+        logits = out[which]
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 2:
+        raise InputError(f"{option}: selects {describe_output(logits)} of {whose}'s output, not a floating-point "
+                         f"logits tensor (N, classes)")
+    return logits
 
 
 class Objective:
@@ -100,14 +135,15 @@ class Objective:
         self.use_kd, self.use_gate_loss = use_kd, use_gate_loss
         self._checked = False
 
-    def __call__(self, logits: torch.Tensor, y: torch.Tensor, qs: Sequence[torch.Tensor], t_logits: Any,
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, qs: Sequence[torch.Tensor], t_logits: torch.Tensor | None,
                  t_qs: Sequence[torch.Tensor] | None, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         d = self.options
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         parts = {"ce": ce.detach()}
         loss = ce
         if self.use_kd:
-            kd = kd_loss(logits, select_logits(t_logits), d.temperature)
+            assert t_logits is not None
+            kd = kd_loss(logits, t_logits, d.temperature)
             loss = (1 - d.kd_weight) * ce + d.kd_weight * kd
             parts["kd"] = kd.detach()
         if t_qs is not None and self.pairs:

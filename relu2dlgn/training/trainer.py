@@ -14,14 +14,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..dlgn import DLGN
-from ..errors import InputError, LoadError, NonFiniteLossError, OptionError
+from ..errors import InputError, OptionError
 from ..options import to_dict, validate
-from .batches import split_batch, to_device
-from .checkpoint import MODEL_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
+from .batches import EMPTY_VAL, check_loaders, split_batch, to_device
+from .checkpoint import MODEL_DIR, latest_checkpoint, restore_checkpoint, save_checkpoint
 from .config import FinetuneConfig
 from .distributed import (all_gather_objects, all_reduce_sum, barrier, distributed_loader, is_distributed,
                           rank_and_world)
 from .bn import recalibrate_bn
+from .guard import StepGuard, non_finite_loss
 from .losses import Objective, select_logits
 from .metrics import EpochSums, MetricsFile, format_record, summary_line
 from .optim import group_lrs, make_optimizer, make_scheduler
@@ -61,13 +62,19 @@ class Trainer:
     Under ``torchrun`` (a process group initialised, e.g. by :func:`~relu2dlgn.training.init_distributed`) the
     model is wrapped in ``DistributedDataParallel``; loaders without a ``DistributedSampler`` get one (their
     ``batch_size`` is per process); metrics are reduced over all processes and only rank 0 writes files.
-    ``teacher_leaf_modules``: the ``leaf_modules`` the DLGN was converted with, to trace the teacher alike.
+    ``teacher_leaf_modules``: the ``leaf_modules`` to trace the teacher with (default: those the DLGN was
+    converted with, ``dlgn.leaf_modules``).
+
+    Failures: a NaN/inf loss, gradient (before the update) or model state (at the end of an epoch, before
+    validation and the checkpoint) raises :class:`~relu2dlgn.NonFiniteLossError` with the in-memory model put
+    back to its last good state (:mod:`.guard`); empty loaders, ambiguous outputs and checkpoints that do not
+    fit raise :class:`~relu2dlgn.InputError` / :class:`~relu2dlgn.LoadError` naming them.
     """
 
     def __init__(self, dlgn: DLGN | nn.Module, train_loader: Iterable, val_loader: Iterable | None = None, *,
                  teacher: nn.Module | Teacher | None = None, config: FinetuneConfig | None = None,
                  example_inputs: Sequence[torch.Tensor] | None = None,
-                 teacher_leaf_modules: Iterable[type | str] = ()):
+                 teacher_leaf_modules: Iterable[type | str] | None = None):
         self.cfg = cfg = config or FinetuneConfig()
         validate(cfg, what="finetune option")
         self.student = as_student(dlgn)
@@ -87,6 +94,7 @@ class Trainer:
             dlgn.to(memory_format=torch.channels_last)
         self._setup_teacher(teacher, example_inputs, teacher_leaf_modules)
         self._setup_optimisation()
+        self.guard = StepGuard(dlgn)  # after the move to the device: it holds the buffers' current tensors
         self.metrics = MetricsFile(cfg.output.out_dir if self.main else None)
         self.step = 0
         self.epoch = 0
@@ -113,16 +121,11 @@ class Trainer:
             if isinstance(val_loader, DataLoader):
                 val_loader = distributed_loader(val_loader, train=False, seed=0)
         self.train_loader, self.val_loader = train_loader, val_loader
-        try:
-            self.steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
-        except TypeError:
-            raise InputError("train_loader must have a length (a DataLoader over a map-style dataset)") from None
-        if self.steps_per_epoch == 0:
-            raise InputError("train_loader yields no batch (dataset smaller than one batch with drop_last?)")
+        self.steps_per_epoch = check_loaders(train_loader, val_loader)
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
 
     def _setup_teacher(self, teacher: Any, example_inputs: Sequence[torch.Tensor] | None,
-                       leaf_modules: Iterable[type | str]) -> None:
+                       leaf_modules: Iterable[type | str] | None) -> None:
         d = self.cfg.distillation
         self.distill = d.distill if d.distill is not None else teacher is not None
         if self.distill and teacher is None:
@@ -135,7 +138,8 @@ class Trainer:
                 if self.channels_last:
                     teacher.to(memory_format=torch.channels_last)
             examples = tuple(to_device(e, self.device) for e in example_inputs) if example_inputs else None
-            self.teacher = make_teacher(teacher, examples, leaf_modules)
+            leaves = getattr(self.model, "leaf_modules", ()) if leaf_modules is None else leaf_modules
+            self.teacher = make_teacher(teacher, examples, leaves)
             if not isinstance(self.student, DLGNStudent):
                 raise InputError("a teacher's gates can only teach a DLGN; for a plain classifier use distill=False "
                                  "and no teacher")
@@ -194,10 +198,11 @@ class Trainer:
             t_logits, t_qs = None, None
             if self.teacher is not None and (self.use_kd or self.use_gate_loss):
                 with torch.no_grad():
-                    t_logits, t_qs = self.teacher(*inputs)
+                    t_out, t_qs = self.teacher(*inputs)
+                    t_logits = select_logits(t_out, self.cfg.logits, "the teacher")
             beta = torch.tensor(self.student.beta or 1.0, dtype=torch.float32, device=self.device)
             out, qs = self.step_module(beta, *inputs)
-            logits = select_logits(out)
+            logits = select_logits(out, self.cfg.logits)
             loss, parts = self.objective(logits, y, qs, t_logits, t_qs, self.student.beta or 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,11 +234,12 @@ class Trainer:
                 self.student.beta = beta_at(self.step, self.total_steps, self.beta_start, self.beta_end,
                                             self.cfg.gates.beta_schedule)
             inputs, y = self._inputs(batch)
+            self.guard.snapshot_step()
             loss, parts, logits = self._train_step(inputs, y)
             norm = self._grad_norm(params)
             bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)).float()
             if all_reduce_sum(bad).item():
-                self._non_finite(epoch, i, loss, norm)
+                self._non_finite(epoch, i, loss, norm, self.guard.restore_step())
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
@@ -258,20 +264,18 @@ class Trainer:
         rec["epoch_time"] = elapsed
         return rec
 
-    def _non_finite(self, epoch: int, i: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
-        where = self.cfg.output.out_dir and latest_checkpoint(self.cfg.output.out_dir)
-        last = (f"The last good checkpoint is intact: {where} (resume with --resume / resume=True, e.g. with a "
-                f"lower learning rate)." if where else "No checkpoint was written (no out_dir, or before epoch 1).")
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch}, batch {i + 1}/{self.steps_per_epoch} (global step {self.step + 1}): "
-            f"loss={loss.item():.4g}, gradient norm={norm.item():.4g}, beta={self.student.beta}. Training stopped "
-            f"before this update was applied. {last} Check the inputs for NaN/inf, or lower lr / beta_end, or "
-            f"set max_grad_norm.")
+    def _non_finite(self, epoch: int, i: int, loss: torch.Tensor, norm: torch.Tensor, restored: bool) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        raise non_finite_loss(f"at epoch {epoch}, batch {i + 1}/{self.steps_per_epoch} (global step {self.step + 1})",
+                              loss, norm, self.student.beta, restored, self._newest_checkpoint())
+
+    def _newest_checkpoint(self) -> str | None:
+        return latest_checkpoint(self.cfg.output.out_dir) if self.cfg.output.out_dir else None
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable | None = None) -> dict[str, Any]:
         """Validation with hard gates (``dlgn.eval()``): loss, accuracy and, with a teacher, the gate agreement
-        overall and per site. Leaves the DLGN in eval mode."""
+        overall and per site. Leaves the DLGN in eval mode. :class:`InputError` if the loader yields nothing."""
         loader = self.val_loader if loader is None else loader
         if loader is None:
             return {}
@@ -281,7 +285,7 @@ class Trainer:
             inputs, y = self._inputs(batch)
             with self._autocast():
                 out, qs = self.student.forward(inputs, hard=True)
-                logits = select_logits(out).float()
+                logits = select_logits(out, self.cfg.logits).float()
                 if self.teacher is not None and self.pairs:
                     _, t_qs = self.teacher(*inputs)
                     agreement = self.objective.agreement(
@@ -289,6 +293,8 @@ class Trainer:
                     sums.add_agreement(agreement["agree"].double(), agreement["decisions"])
             sums.add({"loss": F.cross_entropy(logits, y)}, logits, y)
         sums.reduce()
+        if sums.count == 0:
+            raise InputError(EMPTY_VAL)
         rec: dict[str, Any] = {"val_loss": sums.mean("loss"), "val_acc": sums.accuracy()}
         if self.teacher is not None and self.pairs:
             rec["val_gate_agreement"] = sums.agreement() or 0.0
@@ -333,17 +339,7 @@ class Trainer:
         if path is None:
             raise InputError(f"resume: no checkpoint under '{os.path.join(out_dir, 'checkpoints')}' "
                              f"(run without resume to start)")
-        weights, state = load_checkpoint(path, self.device)
-        result = self.model.load_state_dict(weights, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise LoadError(f"resume: checkpoint '{path}' does not match this model: missing "
-                            f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as exc:
-            raise LoadError(f"resume: the optimiser state in '{path}' does not fit this run's parameter groups "
-                            f"(frozen networks or optimizer changed?): {exc}") from None
-        self.scheduler.load_state_dict(state["scheduler"])
+        state = restore_checkpoint(path, self.model, self.optimizer, self.scheduler, self.device)
         self.epoch, self.step = state["epoch"], state["step"]
         self.beta_start, self.beta_end = state["beta_start"], state["beta_end"]
         if state["beta"] is not None:
@@ -356,6 +352,7 @@ class Trainer:
             log.warning("checkpoint was written by %d process(es), now %d: the random streams restart (training "
                         "continues, not bit-for-bit)", len(rngs), self.world)
         self.metrics.rewrite(self.history)
+        self.guard.keep_good_state(self.epoch)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> FinetuneResult:
@@ -371,12 +368,15 @@ class Trainer:
         for epoch in range(self.epoch + 1, cfg.epochs + 1):
             lrs = group_lrs(self.optimizer)
             rec = {"epoch": epoch, **self.train_epoch(epoch)}
+            self.guard.check_state(f"after epoch {epoch}", self._newest_checkpoint())
             rec.update(self.evaluate())
             rec.update({"step": self.step, **self._beta_record(), **lrs})
             self.epoch = epoch
             self._record(rec)
             self.save_checkpoint()
+            self.guard.keep_good_state(epoch)
         elapsed = time.perf_counter() - start
+        self.guard.check_state("at the end of training", self._newest_checkpoint())
         self.model.eval()
         model_dir = os.path.join(cfg.output.out_dir, MODEL_DIR) if cfg.output.out_dir else None
         if model_dir and self.main:
@@ -398,6 +398,7 @@ class Trainer:
             recalibrate_bn(self.model, self.train_loader, cfg.gates.recalibrate_bn, self.device, unfrozen)
         if cfg.output.eval_before and self.val_loader is not None:
             self._record({"epoch": 0, "step": 0, **self.evaluate(), **self._beta_record()})
+        self.guard.keep_good_state(0)
 
     def _beta_record(self) -> dict[str, float]:
         return {"beta": self.student.beta} if self.student.beta is not None else {}
