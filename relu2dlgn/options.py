@@ -65,8 +65,8 @@ positive = Check(lambda v: _finite(v) and v > 0, "a finite number > 0")
 non_negative = Check(lambda v: _finite(v) and v >= 0, "a finite number >= 0")
 fraction = Check(lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]")
 fraction_below_one = Check(lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)")
-positive_sizes = Check(lambda v: len(v) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v),
-                       "positive sizes such as 3,224,224")
+positive_sizes = Check(lambda v: len(v) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                   for d in v), "positive sizes such as 3,224,224")
 
 
 def at_least(n: int) -> Check:

@@ -80,7 +80,8 @@ def test_export_with_an_input_size_the_model_cannot_take(saved, tmp_path, capsys
 
 @pytest.mark.parametrize("command", ["inspect", "export", "finetune"])
 def test_zero_sizes_are_refused_from_flags_and_from_config_files(saved, tmp_path, capsys, command):
-    base = {"inspect": ["inspect", "_models:TinyNet"], "export": ["export", str(saved), "--out", str(tmp_path / "m.onnx")],
+    base = {"inspect": ["inspect", "_models:TinyNet"],
+            "export": ["export", str(saved), "--out", str(tmp_path / "m.onnx")],
             "finetune": ["finetune", "_models:TinyNet", "--out", str(tmp_path / "run")] + DIGITS}[command]
     if command != "finetune":
         with pytest.raises(SystemExit) as info:                     # argparse's own usage error: exit code 2
