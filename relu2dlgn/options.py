@@ -84,9 +84,10 @@ def option(default: Any, help: str, *, check: Check | None = None, flags: tuple[
     return field(default=default, metadata=meta)
 
 
-def group(cls: type, help: str) -> Any:
-    """A dataclass field holding a group of options (a dataclass ``cls``, default-constructed)."""
-    return field(default_factory=cls, metadata={"help": help, "group": True})
+def group(cls: type, help: str, **defaults: Any) -> Any:
+    """A dataclass field holding a group of options (a dataclass ``cls``), default-constructed with
+    ``defaults`` (a composed config can set its own defaults for a group, e.g. a smaller batch)."""
+    return field(default_factory=lambda: cls(**defaults), metadata={"help": help, "group": True})
 
 
 def is_group(f: Field) -> bool:

@@ -26,10 +26,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _flag_kwargs(leaf: O.LeafOption) -> dict[str, Any]:
+def _flag_kwargs(leaf: O.LeafOption, default: Any) -> dict[str, Any]:
     tp, _ = O.unwrap_optional(leaf.type)
     members = O.choices(tp)
-    default = leaf.default
     text = leaf.help + ("" if default in (None, False, True, "") else f" (default: {default})")
     kw: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS}
     if leaf.field.metadata.get("metavar"):
@@ -46,9 +45,11 @@ def _flag_kwargs(leaf: O.LeafOption) -> dict[str, Any]:
 
 
 def add_options(parser: argparse.ArgumentParser | Any, cls: type, *, skip: tuple[str, ...] = (),
-                grouped: bool = True) -> None:
-    """Add a flag for every command-line option of ``cls`` (groups become argument groups)."""
+                grouped: bool = True, flags: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Add a flag for every command-line option of ``cls`` (groups become argument groups); ``skip`` leaves
+    options out, ``flags`` overrides an option's flags for this command (``{"model": ("--model",)}``)."""
     groups: dict[tuple[str, ...], Any] = {}
+    defaults = O.flat(cls())  # a composed config may set its own defaults for a group
     for leaf in O.flat_fields(cls):
         if leaf.name in skip or not leaf.field.metadata.get("cli", True):
             continue
@@ -56,10 +57,11 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, *, skip: tuple
         if grouped and leaf.path:
             target = groups.get(leaf.path) or groups.setdefault(
                 leaf.path, parser.add_argument_group(".".join(leaf.path)))
-        flags = leaf.field.metadata.get("flags") or ("--" + leaf.name.replace("_", "-"),)
-        kw = _flag_kwargs(leaf)
-        if flags[0].startswith("-"):
-            target.add_argument(*flags, dest=leaf.name, **kw)
+        names = (flags or {}).get(leaf.name) or leaf.field.metadata.get("flags") or \
+            ("--" + leaf.name.replace("_", "-"),)
+        kw = _flag_kwargs(leaf, defaults[leaf.name])
+        if names[0].startswith("-"):
+            target.add_argument(*names, dest=leaf.name, **kw)
         else:
             target.add_argument(leaf.name, nargs="?", **kw)
 
