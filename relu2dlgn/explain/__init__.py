@@ -17,10 +17,17 @@ value graph), :mod:`.ntk` and :mod:`.similarity` (with :mod:`.tangent`, per-exam
 """
 from .agreement import GateAgreement, SiteAgreement, gate_agreement
 from .npk import cosine_normalize, kernel_alignment, npk
+from .ntk import ntk
+from .similarity import Similarity, gradient_similarity
 from .stats import GateStats, SiteStats, gate_stats
+from .tangent import Features, per_example_gradients
+from .templates import Templates, gate_templates
 
 __all__ = [
     "gate_stats", "GateStats", "SiteStats",
     "gate_agreement", "GateAgreement", "SiteAgreement",
     "npk", "cosine_normalize", "kernel_alignment",
+    "ntk", "per_example_gradients", "Features",
+    "gate_templates", "Templates",
+    "gradient_similarity", "Similarity",
 ]
