@@ -18,7 +18,8 @@ value graph), :mod:`.ntk` and :mod:`.similarity` (with :mod:`.tangent`, per-exam
 from .agreement import GateAgreement, SiteAgreement, gate_agreement
 from .npk import cosine_normalize, kernel_alignment, npk
 from .ntk import ntk
-from .similarity import Similarity, gradient_similarity
+from .report import ExplainReport, report
+from .similarity import Similarity, gradient_similarity, similarity_by_metric
 from .stats import GateStats, SiteStats, gate_stats
 from .tangent import Features, per_example_gradients
 from .templates import Templates, gate_templates
@@ -29,5 +30,6 @@ __all__ = [
     "npk", "cosine_normalize", "kernel_alignment",
     "ntk", "per_example_gradients", "Features",
     "gate_templates", "Templates",
-    "gradient_similarity", "Similarity",
+    "gradient_similarity", "similarity_by_metric", "Similarity",
+    "report", "ExplainReport",
 ]

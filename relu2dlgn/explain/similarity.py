@@ -39,7 +39,7 @@ from ..data import stratified_split
 from ..dlgn import DLGN
 from ..errors import InputError, OptionError
 from ..utils.modes import eval_mode
-from .tangent import per_example_gradients
+from .tangent import Features, per_example_gradients
 
 Metric = Literal["euclidean", "block", "sparse"]
 METRICS = ("euclidean", "block", "sparse")
@@ -122,7 +122,7 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float | None:
 
 def gradient_similarity(model: nn.Module, x: Tensor, y: Tensor | None = None, *, metric: Metric = "euclidean",
                         params: Sequence[str] | None = None, keep: float | None = None, train_fraction: float = 0.5,
-                        seed: int = 0, chunk: int = 32, max_bytes: int = 2 ** 31,
+                        seed: int = 0, chunk: int = 128, max_bytes: int = 2 ** 31,
                         progress: bool = False) -> Similarity:
     """Gradient similarity of the examples ``x`` (labels ``y``) under ``metric`` (see the module docstring).
 
@@ -132,8 +132,19 @@ def gradient_similarity(model: nn.Module, x: Tensor, y: Tensor | None = None, *,
     the sparse metric is refused). Raises :class:`~relu2dlgn.errors.OptionError` for an unknown metric and
     :class:`~relu2dlgn.errors.InputError` for labels that do not match ``x``.
     """
-    if metric not in METRICS:
-        raise OptionError(f"gradient_similarity: metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    return similarity_by_metric(model, x, y, metrics=(metric,), params=params, keep=keep,
+                                train_fraction=train_fraction, seed=seed, chunk=chunk, max_bytes=max_bytes,
+                                progress=progress)[metric]
+
+
+def similarity_by_metric(model: nn.Module, x: Tensor, y: Tensor | None = None, *,
+                         metrics: Sequence[Metric] = METRICS, params: Sequence[str] | None = None,
+                         keep: float | None = None, train_fraction: float = 0.5, seed: int = 0, chunk: int = 128,
+                         max_bytes: int = 2 ** 31, progress: bool = False) -> dict[str, Similarity]:
+    """:func:`gradient_similarity` under several metrics, computing the gradient features once."""
+    for metric in metrics:
+        if metric not in METRICS:
+            raise OptionError(f"gradient_similarity: metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if keep is not None and not 0 < keep <= 1:
         raise OptionError(f"gradient_similarity: keep must be in (0, 1], got {keep!r}")
     if not 0 < train_fraction < 1:
@@ -147,13 +158,20 @@ def gradient_similarity(model: nn.Module, x: Tensor, y: Tensor | None = None, *,
         train_idx, eval_idx = torch.tensor(train_list, dtype=torch.long), torch.tensor(eval_list, dtype=torch.long)
         if not len(train_idx) or not len(eval_idx):
             raise InputError("gradient_similarity: too few examples for a training and an evaluation split")
-    elif metric == "sparse":
+    elif "sparse" in metrics:
         raise InputError("gradient_similarity: the sparse metric needs labels y (it selects coordinates by class)")
     else:
         train_idx, eval_idx = torch.arange(n), torch.arange(n)
     feats = per_example_gradients(model, x, reduce="sum", params=params, chunk=chunk, max_bytes=max_bytes,
-                                  progress=progress, desc=f"gradients ({metric})")
+                                  progress=progress, desc="gradients")
+    accuracy = _accuracy(model, x[eval_idx.to(x.device)], y[eval_idx]) if y is not None else None
+    return {metric: _similarity(feats, metric, y, train_idx, eval_idx, keep, accuracy) for metric in metrics}
+
+
+def _similarity(feats: Features, metric: str, y: Tensor | None, train_idx: Tensor, eval_idx: Tensor,
+                keep: float | None, accuracy: float | None) -> Similarity:
     F = feats.values.cpu()
+    n = F.shape[0]
     kept = F.shape[1]
     if metric == "euclidean":
         S = _gram(F)
@@ -173,7 +191,7 @@ def gradient_similarity(model: nn.Module, x: Tensor, y: Tensor | None = None, *,
             mask[gaps.topk(max(1, int(round(keep * gaps.numel())))).indices] = True
         kept = int(mask.sum())
         S = _gram(_normalize_rows(F[:, mask].to(torch.float64)))
-    result = Similarity(S, metric, y, train_idx, eval_idx, None, None, None, None, None, F.shape[1], kept)
+    result = Similarity(S, metric, y, train_idx, eval_idx, None, None, None, None, accuracy, F.shape[1], kept)
     if y is None:
         return result
     same, different = result.pairs()
@@ -183,5 +201,4 @@ def gradient_similarity(model: nn.Module, x: Tensor, y: Tensor | None = None, *,
     classes = torch.unique(y[train_idx])
     scores = torch.stack([S[eval_idx][:, train_idx[y[train_idx] == c]].mean(1) for c in classes], dim=1)
     result.ncm_accuracy = float((classes[scores.argmax(1)] == y[eval_idx]).double().mean())
-    result.model_accuracy = _accuracy(model, x[eval_idx.to(x.device)], y[eval_idx])
     return result

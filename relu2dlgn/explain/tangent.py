@@ -101,7 +101,7 @@ def select_params(module: nn.Module, params: Sequence[str] | None) -> dict[str, 
 
 
 def per_example_gradients(model: nn.Module, x: Tensor, *, reduce: Reduce = "sum", params: Sequence[str] | None = None,
-                          chunk: int = 32, max_bytes: int = 2 ** 31, progress: bool = False,
+                          chunk: int = 128, max_bytes: int = 2 ** 31, progress: bool = False,
                           desc: str = "gradients") -> Features:
     """Per-example gradient features of ``model``'s outputs for the examples ``x`` (see the module docstring).
 
