@@ -40,7 +40,7 @@ from .common import check_site, require_dlgn, take
 from .npk import cosine_normalize, kernel_alignment, npk
 from .similarity import METRICS, Metric, Similarity, similarity_by_metric
 from .stats import GateStats, gate_stats
-from .templates import Templates, gate_templates, is_affine
+from .templates import gate_templates, is_affine
 
 log = logging.getLogger(__name__)
 
