@@ -10,7 +10,9 @@ space turns two features into a similarity:
   every layer weighs the same whatever its size or gradient scale;
 * ``"sparse"``: keep the coordinates that separate the classes of a *training split*: the per-coordinate gap
   ``mean_{same-class pairs} phi_i[c] phi_j[c] - mean_{different-class pairs} phi_i[c] phi_j[c]`` (whose sum over
-  ``c`` is the Euclidean gap) must be positive (``keep=None``) or among the largest fraction ``keep``;
+  ``c`` is the Euclidean gap) must be positive (``keep=None``; above 1e-9 of the largest gap, so that round-off
+  does not decide for a coordinate whose gap is 0, such as a bias gradient that is 1 for every input) or among
+  the largest fraction ``keep``;
   ``S = cos(phi_M(x), phi_M(x'))`` on the kept coordinates ``M``.
 
 With labels, the examples are split per class (``train_fraction`` to the training split, fixed ``seed``);
@@ -184,8 +186,8 @@ def _similarity(feats: Features, metric: str, y: Tensor | None, train_idx: Tenso
     else:
         assert y is not None
         gaps = _coordinate_gaps(F[train_idx].to(torch.float64), y[train_idx])
-        if keep is None:
-            mask = gaps > 0
+        if keep is None:  # positive beyond round-off (a constant coordinate has a gap of exactly 0 in theory)
+            mask = gaps > 1e-9 * float(gaps.abs().max())
         else:
             mask = torch.zeros_like(gaps, dtype=torch.bool)
             mask[gaps.topk(max(1, int(round(keep * gaps.numel())))).indices] = True
