@@ -120,10 +120,20 @@ def _source(run_cfg: dict[str, Any] | None, num_classes: int, in_chans: int) -> 
     return create_model(model, checkpoint=checkpoint, **kwargs).eval()
 
 
+def _sites(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise OptionError(f"option template_sites={text!r}: expected site indices like 0,5,11") from None
+
+
 def run(args: argparse.Namespace) -> int:
     opts = resolve(ExplainOptions, args)
     if not opts.path:
         raise OptionError("a model directory is required: PATH on the command line, or 'path' in the config file")
+    sites = _sites(opts.template_sites)
     model_dir, run_cfg = _model_dir(opts.path)
     dlgn = load(model_dir).eval()
     d = _data_options(opts, args, dlgn, run_cfg)
@@ -132,13 +142,6 @@ def run(args: argparse.Namespace) -> int:
     dataset = data.val if opts.split == "val" else data.train
     loader = make_loader(dataset, d.batch_size, train=False, workers=d.workers or 0)
     source = _source(run_cfg, data.num_classes, data.in_chans) if opts.source else None
-    sites = None
-    if opts.template_sites:
-        try:
-            sites = [int(s) for s in opts.template_sites.split(",") if s.strip()]
-        except ValueError:
-            raise OptionError(f"option template_sites={opts.template_sites!r}: expected indices like 0,5,11") \
-                from None
     out = opts.out or os.path.join(opts.path, "explain")
     result = report(dlgn, loader, out, source=source, npk_examples=opts.npk_examples,
                     similarity_examples=opts.similarity_examples, metric=opts.metric, template_sites=sites,
