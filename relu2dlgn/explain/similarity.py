@@ -101,8 +101,10 @@ def _coordinate_gaps(F: Tensor, y: Tensor) -> Tensor:
 
 
 def _normalize_rows(F: Tensor) -> Tensor:
-    norms = F.norm(dim=1, keepdim=True)
-    return torch.where(norms > 0, F / norms.clamp_min(torch.finfo(F.dtype).tiny), torch.zeros_like(F))
+    """Each row divided by its norm (computed in float64); zero rows stay zero. Keeps ``F``'s dtype."""
+    norms = torch.linalg.vector_norm(F, dim=1, keepdim=True, dtype=torch.float64)
+    inverse = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(norms))
+    return F * inverse.to(F.dtype)
 
 
 def _gram(F: Tensor, columns: int = 2 ** 20) -> Tensor:
@@ -180,7 +182,7 @@ def _similarity(feats: Features, metric: str, y: Tensor | None, train_idx: Tenso
     elif metric == "block":
         S, start = torch.zeros(n, n, dtype=torch.float64), 0
         for _, size in feats.blocks:
-            S += _gram(_normalize_rows(F[:, start:start + size].to(torch.float64)))
+            S += _gram(_normalize_rows(F[:, start:start + size]))
             start += size
         S /= len(feats.blocks)
     else:
@@ -192,7 +194,7 @@ def _similarity(feats: Features, metric: str, y: Tensor | None, train_idx: Tenso
             mask = torch.zeros_like(gaps, dtype=torch.bool)
             mask[gaps.topk(max(1, int(round(keep * gaps.numel())))).indices] = True
         kept = int(mask.sum())
-        S = _gram(_normalize_rows(F[:, mask].to(torch.float64)))
+        S = _gram(_normalize_rows(F[:, mask]))
     result = Similarity(S, metric, y, train_idx, eval_idx, None, None, None, None, accuracy, F.shape[1], kept)
     if y is None:
         return result

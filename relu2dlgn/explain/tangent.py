@@ -124,10 +124,16 @@ def per_example_gradients(model: nn.Module, x: Tensor, *, reduce: Reduce = "sum"
         raise InputError(f"per-example gradients of {n} examples x {width} output(s) x {dim} parameters take "
                          f"{need / 2 ** 30:.1f} GiB (limit {max_bytes / 2 ** 30:.1f} GiB); restrict them with "
                          f"params=[...] (names: {', '.join(k for k, _ in blocks[-3:])} ...) or use fewer examples")
+    # the other parameters enter as detached constants: no autograd graph is recorded for them
+    fixed = {k: v.detach() for k, v in setup.module.named_parameters() if k not in p}
+
+    def f(q: dict[str, Tensor], *a: Tensor) -> Tensor:
+        return setup.fn({**fixed, **q}, *a)
+
     if reduce == "sum":
-        per = grad(lambda q, *a: setup.fn(q, *a).sum())
+        per = grad(lambda q, *a: f(q, *a).sum())
     elif reduce == "jacobian":
-        per = jacrev(setup.fn)
+        per = jacrev(f)
     else:
         raise InputError(f"reduce must be 'sum' or 'jacobian', got {reduce!r}")
     batched = vmap(per, in_dims=(None, *setup.in_dims))
