@@ -129,7 +129,7 @@ def template_grid(templates: Templates, path: str | os.PathLike, max_units: int 
     images = [_image(templates.weights[i].detach().cpu().to(torch.float64)) for i in range(k)]
     rs, cs = _support(images)
     full = images[0].shape
-    fig = _figure(figsize=(1.35 * cols + 0.4, 1.5 * rows + 0.8))
+    fig = _figure(figsize=(1.35 * cols + 0.4, 1.5 * rows + 0.8), layout="constrained")
     site = templates.site
     where = f"position {templates.position}" if templates.position else "features"
     kind = "local affine maps at the given input" if templates.local else "exact templates"

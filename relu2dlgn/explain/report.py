@@ -262,7 +262,8 @@ def _markdown(n: dict[str, Any], stats: GateStats, agreement: GateAgreement | No
              + (" agreement |" if agreement else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if agreement else "")]
     for i, s in enumerate(stats.sites):
-        row = f"| {s.index} | {s.kind} | `{s.module_path or s.node}` | {_fmt(s.on_fraction)} | {s.dead} / {s.units} " \
+        units = f"{s.dead} / {s.units}" if s.unit_rates is not None else "n/a"
+        row = f"| {s.index} | {s.kind} | `{s.module_path or s.node}` | {_fmt(s.on_fraction)} | {units} " \
               f"| {_fmt(s.entropy)} | {_fmt(s.evenness)} |"
         if agreement is not None:
             row += f" {_fmt(agreement.sites[i].agreement)} |"
