@@ -31,7 +31,7 @@ from ..errors import InputError
 from ..gates import make_gate
 from ..training import TeacherTap, match_sites
 from ..utils.modes import eval_mode
-from .common import batches, require_dlgn
+from .common import batches, fitting, require_dlgn
 
 
 @dataclass
@@ -91,11 +91,12 @@ def gate_agreement(dlgn: Any, source: nn.Module, loader: Iterable, *, leaf_modul
                                         leave=False)):
             if max_batches is not None and b >= max_batches:
                 break
-            if tap is None:
-                tap = TeacherTap(source, (x[:1],), leaf_modules)
-                pairs = match_sites(dlgn, tap.site_nodes, tap.site_kinds)
-            out_s, qs_s = tap(x)
-            run = dlgn.run(x, hard=True)
+            with fitting(dlgn, x, f"batch {b} of the loader"):
+                run = dlgn.run(x, hard=True)
+                if tap is None:
+                    tap = TeacherTap(source, (x[:1],), leaf_modules)
+                    pairs = match_sites(dlgn, tap.site_nodes, tap.site_kinds)
+                out_s, qs_s = tap(x)
             for i, j in pairs:
                 spec = dlgn.gate_specs[i]
                 ok = _agree(spec.kind, make_gate(spec, run.pre_activations[i], 1.0, True),

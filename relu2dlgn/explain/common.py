@@ -6,10 +6,11 @@ Gate tensors are batched along dim 0, except hardtanh gates, which stack the two
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..dlgn import DLGN
 from ..errors import ExplainError, InputError, OptionError
@@ -50,14 +51,12 @@ def split_batch(batch: Any, index: int) -> tuple[Tensor, Tensor | None]:
                      f"an (inputs, labels) pair")
 
 
-def batches(loader: Iterable, dlgn: DLGN | None = None, *, needs_labels: bool = False) -> Iterator[tuple[Tensor, Tensor | None]]:
+def batches(loader: Iterable, dlgn: DLGN | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
     """The ``(x, y)`` batches of ``loader``, ``x`` moved to the model's device; each checked against ``dlgn``'s
     inputs (rank, dtype) with an :class:`InputError` naming the batch."""
     device = dlgn.device if dlgn is not None else None
     for i, batch in enumerate(loader):
         x, y = split_batch(batch, i)
-        if needs_labels and y is None:
-            raise InputError(f"batch {i} of the loader has no labels; this instrument needs (inputs, labels) batches")
         if device is not None:
             x = x.to(device)
         if dlgn is not None:
@@ -66,6 +65,19 @@ def batches(loader: Iterable, dlgn: DLGN | None = None, *, needs_labels: bool = 
             except InputError as exc:
                 raise InputError(f"batch {i} of the loader does not fit the model: {exc}") from None
         yield x, y
+
+
+@contextlib.contextmanager
+def fitting(dlgn: DLGN, x: Tensor, where: str) -> Iterator[None]:
+    """Turn a shape error of the model's forward pass on ``x`` into an :class:`InputError` naming ``where``, the
+    shape and the model's example input shape (a channel count or feature size the first layer cannot take)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        example = dlgn.input_specs[0].example_shape if dlgn.input_specs else None
+        expected = f" (converted with an example input of shape {tuple(example)})" if example else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{where} of shape {tuple(x.shape)} does not fit the model{expected}: {first}") from None
 
 
 def take(loader: Iterable, n: int, dlgn: DLGN | None = None) -> tuple[Tensor, Tensor | None]:
@@ -100,9 +112,3 @@ def cat_gates(chunks: Sequence[Sequence[Tensor]], specs: Sequence[GateSpec]) -> 
     """Concatenate per-chunk gate tuples along each site's batch axis."""
     return tuple(torch.cat([c[i] for c in chunks], dim=batch_dim(s)) for i, s in enumerate(specs))
 
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..errors import ExplainError, InputError
 from ..utils.modes import eval_mode
-from .common import cat_gates, require_dlgn, require_single_input, select_gates
+from .common import cat_gates, fitting, require_dlgn, require_single_input, select_gates
 from .pathsum import BiasMode, path_sum_graph
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _inputs_and_gates(dlgn: Any, x: Tensor, hard: bool, chunk: int) -> tuple[Ten
     x = x.to(dlgn.device)
     dlgn.check_inputs((x,))
     parts = []
-    with eval_mode(dlgn), torch.no_grad():
+    with eval_mode(dlgn), torch.no_grad(), fitting(dlgn, x, "npk: the inputs"):
         for s in range(0, x.shape[0], chunk):
             parts.append(dlgn.gates(x[s:s + chunk], hard=hard))
     gates = cat_gates(parts, dlgn.gate_specs)

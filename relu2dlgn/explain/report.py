@@ -33,6 +33,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm import tqdm
 
+from ..errors import OptionError
 from ..utils.fs import atomic_write_text
 from . import plots
 from .agreement import GateAgreement, gate_agreement
@@ -127,7 +128,6 @@ def report(dlgn: Any, loader: Iterable, out: str | os.PathLike, *, source: nn.Mo
     """
     dlgn = require_dlgn(dlgn, "report")
     if metric not in METRICS:
-        from ..errors import OptionError
         raise OptionError(f"report: metric must be one of {', '.join(METRICS)}, got {metric!r}")
     sites = [check_site(dlgn, s) for s in template_sites] if template_sites is not None else \
         default_template_sites(dlgn)

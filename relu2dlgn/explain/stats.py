@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..errors import InputError
 from ..gates import GateSpec, pool_windows
 from ..utils.modes import eval_mode
-from .common import batches, require_dlgn
+from .common import batches, fitting, require_dlgn
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,9 @@ def gate_stats(dlgn: Any, loader: Iterable, *, max_batches: int | None = None, p
                                         leave=False)):
             if max_batches is not None and b >= max_batches:
                 break
-            for acc, q in zip(accs, dlgn.pre_activations(x)):
+            with fitting(dlgn, x, f"batch {b} of the loader"):
+                qs = dlgn.pre_activations(x)
+            for acc, q in zip(accs, qs):
                 acc.add(q)
             examples += x.shape[0]
     if not examples:

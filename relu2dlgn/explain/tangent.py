@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..dlgn import DLGN
 from ..errors import InputError
 from ..utils.modes import eval_mode
-from .common import batch_dim, require_single_input
+from .common import batch_dim, fitting, require_single_input
 
 Reduce = Literal["sum", "jacobian"]
 
@@ -64,7 +64,7 @@ def _setup(model: nn.Module, x: Tensor) -> _Setup:
         require_single_input(model, "per-example gradients")
         x = x.to(model.device)
         model.check_inputs((x,))
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), fitting(model, x, "the inputs"):
             gates = model.gates(x, hard=True)
         u = model.value_inputs(x)[0]
         dims = tuple(batch_dim(s) for s in model.gate_specs)

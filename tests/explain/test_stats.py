@@ -71,3 +71,13 @@ def test_bad_loaders():
         explain.gate_stats(dlgn, ["not a batch"])
     with pytest.raises(InputError, match="no examples"):
         explain.gate_stats(dlgn, [])
+
+
+def test_loader_with_the_wrong_channel_count():
+    from _models import TinyNet
+    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=torch.randn(2, 3, 8, 8))
+    with pytest.raises(InputError, match=r"batch 0 of the loader of shape \(2, 1, 8, 8\) does not fit the model "
+                                         r"\(converted with an example input of shape \(2, 3, 8, 8\)\)"):
+        explain.gate_stats(dlgn, [torch.randn(2, 1, 8, 8)])
+    with pytest.raises(InputError, match="npk: the inputs of shape"):
+        explain.npk(dlgn, torch.randn(2, 1, 8, 8))
