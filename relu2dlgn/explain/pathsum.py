@@ -17,8 +17,9 @@ Conventions (what is an edge weight, what is a gate, what starts a path):
   convolution and linear weights, the batch-norm scale ``gamma / sqrt(var + eps)`` (eval mode), the ``1/k`` of
   average pooling (``AvgPool``, ``adaptive_avg_pool``, the max-pool stand-in of ``pool="avg"``) and of
   ``mean``, scalar multiplications and divisions in the model's code, the ``-1`` of a subtraction, the
-  ``alpha`` of ``torch.add``. So averaging becomes summing over the same (valid) elements, subtraction becomes
-  addition, ``x * c`` becomes ``x``.
+  ``alpha`` of ``torch.add``, the entries of a constant matrix in ``x @ W``. So averaging becomes summing over
+  the same (valid) elements, subtraction becomes addition, ``x * c`` becomes ``x``, ``x @ W`` becomes
+  ``x @ ones_like(W)``.
 * **Biases** (``bias``). Every additive constant — a convolution or linear bias, the batch-norm shift
   ``beta - mean * scale`` (always present in eval mode), a constant added in the model's code, the constants
   ``lo`` / ``hi`` of a hardtanh piece — is an edge from a bias unit whose input is 1. ``"paths"``: these paths
@@ -72,6 +73,7 @@ _PAIR_OPS: dict[Callable, Callable] = {
 _ADD = {operator.add, operator.iadd, torch.add}
 _SUB = {operator.sub: operator.add, operator.isub: operator.iadd, torch.sub: torch.add}
 _MUL = {operator.mul, operator.imul, torch.mul}
+_MATMUL = {operator.matmul, torch.matmul, torch.mm, torch.bmm}
 _DIV = {operator.truediv, operator.itruediv, torch.div, torch.true_divide}
 _AVG_POOL = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 _ADAPTIVE = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
@@ -212,6 +214,8 @@ class _Rewriter:
             self.additive(node, _SUB.get(fn, fn), args, name)
         elif fn in _MUL or fn in _DIV:
             self.scaling(node, fn, args, name, divides=fn in _DIV)
+        elif fn in _MATMUL:
+            self.scaling(node, fn, args, name, divides=False)
         elif fn in (operator.neg, torch.neg):
             self.replace(node, self.call(node, operator.mul, (args[0], 1.0)))
         elif fn in _WEIGHTED:
@@ -253,6 +257,8 @@ class _Rewriter:
             if t.startswith(("div", "true")):
                 fn = operator.itruediv if t.endswith("_") else operator.truediv
             self.scaling(node, fn, args, f"Tensor.{t}", divides=fn in _DIV)
+        elif t in ("matmul", "mm", "bmm"):
+            self.scaling(node, operator.matmul, args, f"Tensor.{t}", divides=False)
         elif t == "neg":
             self.replace(node, self.call(node, operator.mul, (args[0], 1.0)))
         elif t == "neg_" or t in _CASTS:
@@ -276,10 +282,10 @@ class _Rewriter:
 
     def scaling(self, node: fx.Node, fn: Callable, args: tuple, name: str, *, divides: bool) -> None:
         a, b = args[0], args[1]
-        if self.is_dep(a) and self.is_dep(b):
-            raise self.fail(node, name, "it multiplies or divides two input-dependent tensors (not linear)")
         if divides and self.is_dep(b):
             raise self.fail(node, name, "it divides by an input-dependent tensor (not linear)")
+        if self.is_dep(a) and self.is_dep(b):
+            raise self.fail(node, name, "it multiplies two input-dependent tensors (not linear)")
         if self.is_dep(a):
             b = self.call(node, unit_like, (b,))
         else:

@@ -145,6 +145,39 @@ def test_conv_net_equals_explicit_path_counting():
     torch.testing.assert_close(explain.npk(d, x, dtype=D), ref, rtol=1e-12, atol=0)
 
 
+class Functional(nn.Module):
+    """The same fully-connected net written with parameters, matmul, a scaling, a subtraction and a mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 6, dtype=D))
+        self.w2 = nn.Parameter(torch.randn(6, 3, dtype=D))
+
+    def forward(self, x):
+        h = torch.relu((x @ self.w1) * 0.5)
+        return (h @ self.w2 - h[:, :3]).mean(1, keepdim=True)
+
+
+def test_functional_ops_become_unit_edges():
+    """x @ W -> x @ ones, * 0.5 -> * 1, a - b -> a + b, mean over 3 columns -> sum: unit j reaches the single
+    output through 3 matmul edges plus, for j < 3, the subtracted edge, so K = <x, x'> sum_j c_j g_j g_j' with
+    c_j = 3 + [j < 3]; an op whose edges are unknown (cumsum) is refused by name."""
+    torch.manual_seed(0)
+    m = Functional().eval()
+    x = torch.randn(5, 4, dtype=D)
+    g = (x @ m.w1 > 0).to(D)
+    c = torch.tensor([4.0, 4, 4, 3, 3, 3], dtype=D)
+    ref = gram(x) * ((g * c) @ g.T)
+    torch.testing.assert_close(explain.npk(dlgn_of(m, x), x, dtype=D), ref, rtol=1e-12, atol=0)
+
+    class Cumulative(nn.Module):
+        def forward(self, x):
+            return torch.relu(x).cumsum(1)
+
+    with pytest.raises(ExplainError, match="node 'cumsum' .* it is not a known linear op"):
+        explain.npk(dlgn_of(Cumulative(), x), x)
+
+
 def test_conv_nets_symmetric_psd_and_consistent_blocks():
     torch.manual_seed(0)
     m = randomize_bn(TinyNet()).eval()
