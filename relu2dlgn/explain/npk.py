@@ -16,10 +16,11 @@ the closed form of Lakshminarayanan & Singh (NeurIPS 2020) times the number of o
 ``K(x, x') = C <x, x'> prod_l <g_l(x), g_l(x')>``. With biases (``"paths"``) it is the recursion
 ``S_0 = <x, x'>``, ``S_l = <g_l, g_l'> (S_{l-1} + 1)``, ``K = C (S_L + 1)``.
 
-Computation: :func:`~relu2dlgn.explain.pathsum.path_sum_graph` (the value graph with unit weights, float64)
-is run on ``x_i * x_j`` and the gates of both examples for chunks of ``chunk`` pairs at a time, so memory is
-bounded by one chunk's activations whatever the number of examples; ``K(x, x)`` computes only the pairs
-``i <= j``. K grows like the number of paths (geometrically with depth): look at it through
+Computation: :func:`~relu2dlgn.explain.pathsum.path_sum_graph` (the value graph with unit weights) is run on
+``x_i * x_j`` and the gates of both examples for chunks of ``chunk`` pairs at a time, so memory is the gates of
+the examples plus one chunk's activations, whatever the number of pairs; ``K(x, x)`` computes only the pairs
+``i <= j``. The diagonal pairs run in float64, the others in float32 when that cannot overflow (see ``dtype``
+of :func:`npk`). K grows like the number of paths (geometrically with depth): look at it through
 :func:`cosine_normalize`.
 
 Example::
