@@ -47,7 +47,7 @@ class ExplainOptions:
     similarity_dims: int = option(250_000, "gradient coordinates per example (the last parameter tensors that fit)",
                                   check=at_least(1))
     source: bool = option(True, "rebuild a run's source network for gate agreement (--no-source: skip)")
-    max_batches: int | None = option(None, "read at most this many batches for the gate statistics",
+    max_batches: int | None = option(None, "read at most this many batches for the gate statistics and agreement",
                                      check=at_least(1))
     progress: bool = option(True, "progress bars")
 
