@@ -37,3 +37,8 @@ class DataError(Relu2DlgnError, ValueError):
 
 class NonFiniteLossError(Relu2DlgnError, RuntimeError):
     """The loss or the gradient became NaN/inf; training stopped before the bad update was applied."""
+
+
+class ExplainError(Relu2DlgnError, ValueError):
+    """An interpretability instrument cannot read this model as asked: a plain module where a converted one is
+    needed, a DGN where templates must be input-independent, an op whose path weights the NPK cannot set."""
