@@ -42,3 +42,10 @@ def test_export_and_serve(tmp_path):
 def test_custom_module():
     r = _load("custom_module").main(["--size", "16"])
     assert r["kinds"] == {"relu": 3, "maxpool": 1, "leaky_relu": 1} and r["dgn_error"] == 0.0
+
+
+def test_read_with_explain(tmp_path):
+    r = _load("read_with_explain").main(["--model", "_models:TinyNet", "--size", "12", "--epochs", "1",
+                                         "--examples", "16", "--out", str(tmp_path / "report")])
+    assert 0 < r["on_fraction"] < 1 and 0.5 < r["agreement"] <= 1 and -1 <= r["alignment"] <= 1
+    assert (tmp_path / "report" / "report.md").exists() and len(r["figures"]) >= 4

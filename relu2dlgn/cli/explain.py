@@ -18,12 +18,13 @@ from typing import Any, Literal
 from ..data import DataOptions, load_data, make_loader
 from ..dlgn import DLGN, load
 from ..errors import LoadError, OptionError
-from ..explain.report import report
-from ..explain.similarity import Metric
-from ..options import at_least, group, load_file, option
+from ..explain.report import ReportOptions, report
+from ..options import group, load_file, option
 from ..serialize import CONFIG
 from ..training.checkpoint import MODEL_DIR
 from ..training.job import CONFIG_FILE
+from ..training.student import ClassifierStudent
+from ..pipeline.steps import SOURCE_DIR
 from ..zoo import create_model
 from .args import add_config_flag, add_options, resolve
 
@@ -39,17 +40,11 @@ class ExplainOptions:
     dataset: DataOptions = group(DataOptions, "the data (default for a run: the run's data options)")
     out: str | None = option(None, "report directory (default: PATH/explain)")
     split: Literal["val", "train"] = option("val", "which split of the data to read")
-    npk_examples: int = option(64, "examples in the neural path kernel (0: skip)", check=at_least(0))
-    similarity_examples: int = option(160, "examples for gradient similarity (0: skip)", check=at_least(0))
-    metric: Metric = option("block", "similarity metric drawn in the histograms (all are in report.json)")
     template_sites: str | None = option(None, "comma-separated site indices for template grids (default: first, "
                                               "middle and last)", metavar="I,J,K")
-    similarity_dims: int = option(250_000, "gradient coordinates per example (the last parameter tensors that fit)",
-                                  check=at_least(1))
     source: bool = option(True, "rebuild a run's source network for gate agreement (--no-source: skip)")
-    max_batches: int | None = option(None, "read at most this many batches for the gate statistics and agreement",
-                                     check=at_least(1))
     progress: bool = option(True, "progress bars")
+    report: ReportOptions = group(ReportOptions, "the report")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -102,11 +97,14 @@ def _data_options(opts: ExplainOptions, args: argparse.Namespace, dlgn: DLGN,
     return d
 
 
-def _source(run_cfg: dict[str, Any] | None, num_classes: int, in_chans: int) -> Any:
+def _source(run_cfg: dict[str, Any] | None, run_dir: str, num_classes: int, in_chans: int) -> Any:
     if not run_cfg:
         return None
     src = run_cfg.get("source") or {}
     model, checkpoint = src.get("model"), src.get("checkpoint")
+    trained_here = os.path.join(run_dir, SOURCE_DIR, MODEL_DIR, ClassifierStudent.WEIGHTS)
+    if not checkpoint and os.path.exists(trained_here):  # a relu2dlgn run trained its source itself
+        checkpoint = trained_here
     if not model or not checkpoint:
         log.info("explain: the run has no source checkpoint; gate agreement skipped")
         return None
@@ -141,10 +139,10 @@ def run(args: argparse.Namespace) -> int:
                      augment=False)
     dataset = data.val if opts.split == "val" else data.train
     loader = make_loader(dataset, d.batch_size, train=False, workers=d.workers or 0)
-    source = _source(run_cfg, data.num_classes, data.in_chans) if opts.source else None
+    run_dir = os.path.dirname(os.path.abspath(model_dir))
+    source = _source(run_cfg, run_dir, data.num_classes, data.in_chans) if opts.source else None
     out = opts.out or os.path.join(opts.path, "explain")
-    result = report(dlgn, loader, out, source=source, npk_examples=opts.npk_examples,
-                    similarity_examples=opts.similarity_examples, metric=opts.metric, template_sites=sites,
-                    similarity_dims=opts.similarity_dims, max_batches=opts.max_batches, progress=opts.progress)
+    result = report(dlgn, loader, out, source=source, template_sites=sites, progress=opts.progress,
+                    **dataclasses.asdict(opts.report))
     print(result)
     return 0

@@ -18,7 +18,7 @@ value graph), :mod:`.ntk` and :mod:`.similarity` (with :mod:`.tangent`, per-exam
 from .agreement import GateAgreement, SiteAgreement, gate_agreement
 from .npk import cosine_normalize, kernel_alignment, npk
 from .ntk import ntk
-from .report import ExplainReport, report
+from .report import ExplainReport, ReportOptions, report
 from .similarity import Similarity, gradient_similarity, similarity_by_metric
 from .stats import GateStats, SiteStats, gate_stats
 from .tangent import Features, per_example_gradients
@@ -31,5 +31,5 @@ __all__ = [
     "ntk", "per_example_gradients", "Features",
     "gate_templates", "Templates",
     "gradient_similarity", "similarity_by_metric", "Similarity",
-    "report", "ExplainReport",
+    "report", "ExplainReport", "ReportOptions",
 ]

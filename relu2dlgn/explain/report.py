@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import OptionError
+from ..options import at_least, option
 from ..utils.fs import atomic_write_text
 from . import plots
 from .agreement import GateAgreement, gate_agreement
@@ -44,6 +45,19 @@ from .stats import GateStats, gate_stats
 from .templates import gate_templates, is_affine
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReportOptions:
+    """The options of :func:`report` that a command line or config file sets (same names and defaults)."""
+
+    npk_examples: int = option(64, "examples in the neural path kernel (0: skip)", check=at_least(0))
+    similarity_examples: int = option(160, "examples for gradient similarity (0: skip)", check=at_least(0))
+    metric: Metric = option("block", "similarity metric drawn in the histograms (all are in report.json)")
+    similarity_dims: int = option(250_000, "gradient coordinates per example (the last parameter tensors that fit)",
+                                  check=at_least(1))
+    max_batches: int | None = option(None, "read at most this many batches for the gate statistics and agreement",
+                                     check=at_least(1))
 
 
 @dataclass

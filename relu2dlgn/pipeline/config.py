@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..convert import ConvertOptions
 from ..data import DataOptions
 from ..errors import OptionError
+from ..explain.report import ReportOptions
 from ..export import ExportOptions
 from ..options import at_least, group, option, positive
 from ..training import FinetuneConfig
@@ -50,6 +51,7 @@ class RunConfig:
     training: FinetuneConfig = group(FinetuneConfig, "fine-tuning (with distillation from the source)", epochs=3)
     export: ExportOptions = group(ExportOptions, "ONNX export")
     latency: Latency = group(Latency, "ONNX latency measurement")
+    report: ReportOptions = group(ReportOptions, "the interpretability report")
 
     def check(self) -> None:
         if self.training.output.out_dir is not None or self.training.output.resume:

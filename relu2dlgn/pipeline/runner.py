@@ -56,7 +56,9 @@ class RunResult:
                              f"{ex['latency_threads']} thread)", f"{ex['latency_ratio']:.2f}x "
                              f"({ms['dlgn']:.1f} vs {ms['source']:.1f} ms)", ex.get("source_onnx", "")))
         if "report" in s:
-            rows.append(("interpretability report", "", s["report"].get("report", "")))
+            r = s["report"]
+            npk = f"NPK label alignment {r['npk_alignment']:.3f}" if r.get("npk_alignment") is not None else ""
+            rows.append(("interpretability report", npk, r.get("report", "")))
         rows.append(("resolved config (repeat with --config)", "", self.config_file))
         return rows
 

@@ -17,6 +17,7 @@ from torch import nn
 from ..convert import convert
 from ..data import Data, load_data, make_loader
 from ..dlgn import DLGN, load
+from ..explain.report import report
 from ..export import example_inputs_for, export_onnx
 from ..training import evaluate, finetune, latest_checkpoint, train_classifier
 from ..training.checkpoint import MODEL_DIR
@@ -153,6 +154,21 @@ def step_export(ctx: Context) -> dict[str, Any]:
     return rec
 
 
+def step_report(ctx: Context) -> dict[str, Any]:
+    """The interpretability report of the fine-tuned DLGN on the validation data (gate statistics and agreement
+    with the source, NPK, templates, gradient similarity): ``report/report.md`` with its PNGs and JSON."""
+    dlgn = load(ctx.path(MODEL_DIR)).eval()
+    result = report(dlgn, ctx.val_loader, ctx.path(REPORT_DIR), source=ctx.source,
+                    progress=ctx.cfg.training.runtime.progress, **dataclasses.asdict(ctx.cfg.report))
+    log.info("%s", result)
+    n = result.numbers
+    return {"report": os.path.join(result.out, "report.md"), "figures": sorted(result.figures.values()),
+            "gate_on_fraction": n["gate_stats"]["on_fraction"],
+            "npk_alignment": (n.get("npk") or {}).get("alignment"),
+            "agreement": (n.get("agreement") or {}).get("overall")}
+
+
 STEPS: list[tuple[str, Callable[[Context], dict[str, Any]]]] = [
     ("source", step_source), ("convert", step_convert), ("finetune", step_finetune), ("export", step_export),
+    ("report", step_report),
 ]

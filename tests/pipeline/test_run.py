@@ -16,7 +16,8 @@ from relu2dlgn.pipeline import steps as S
 from relu2dlgn.options import from_flat
 
 TINY = dict(model="_models:TinyNet", image_size=12, batch_size=128, source_epochs=1, epochs=1, latency_runs=2,
-            latency_batch=4, progress=False, recalibrate_bn=2)
+            latency_batch=4, progress=False, recalibrate_bn=2, npk_examples=8, similarity_examples=20,
+            max_batches=1)
 
 
 def test_main_command_from_another_directory_writes_everything_under_out(tmp_path, monkeypatch, capsys):
@@ -28,25 +29,32 @@ def test_main_command_from_another_directory_writes_everything_under_out(tmp_pat
     out = tmp_path / "run"
     argv = ["run", "--out", str(out), "--model", "_models:TinyNet", "--image-size", "12", "--batch-size", "128",
             "--source-epochs", "1", "--epochs", "1", "--latency-runs", "2", "--latency-batch", "4", "--no-progress",
-            "--recalibrate-bn", "2"]
+            "--recalibrate-bn", "2", "--npk-examples", "8", "--similarity-examples", "20"]
     assert run_cli(argv) == 0
     table = capsys.readouterr().out
     for row in ("source network accuracy", "DLGN accuracy right after conversion", "DLGN accuracy after fine-tuning",
                 "gate agreement with the source", "ONNX parity", "ONNX latency vs the source's ONNX",
-                "resolved config"):
+                "interpretability report", "resolved config"):
         assert row in table, row
     assert os.listdir(elsewhere) == []
     names = set(os.listdir(out))
     assert {"config.yaml", "run.json", "metrics.jsonl", "model", "checkpoints", "source", "dlgn.onnx",
-            "source.onnx"} <= names
+            "source.onnx", "report"} <= names
     state = json.load(open(out / "run.json"))["steps"]
-    assert list(state) == ["source", "convert", "finetune", "export"]
+    assert list(state) == ["source", "convert", "finetune", "export", "report"]
+    assert os.path.exists(out / "report" / "report.md") and all(os.path.exists(f) for f in state["report"]["figures"])
+    assert state["report"]["agreement"] is not None                    # the source was rebuilt for agreement
     assert state["export"]["verified"] and state["export"]["latency_ratio"] > 0
     dlgn = relu2dlgn.load(out / "model")
     assert dlgn.mode == "dlgn" and len(dlgn.sites) == state["convert"]["sites"] == 3
     assert [json.loads(line)["epoch"] for line in open(out / "metrics.jsonl")] == [0, 1]
     cfg = yaml.safe_load(open(out / "config.yaml"))
     assert cfg["source"]["model"] == "_models:TinyNet" and cfg["out"] == str(out) and cfg["resume"] is False
+    # each step on its own with the other commands: explain reads the run (and finds the source it trained)
+    assert run_cli(["explain", str(out), "--out", str(tmp_path / "again"), "--npk-examples", "8",
+                    "--similarity-examples", "20", "--no-progress"]) == 0
+    again = json.load(open(tmp_path / "again" / "report.json"))
+    assert again["agreement"]["overall"] == pytest.approx(state["report"]["agreement"])
 
 
 def test_resume_continues_from_the_last_finished_step(tmp_path, monkeypatch):
@@ -72,8 +80,8 @@ def test_resume_continues_from_the_last_finished_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "STEPS", [(n, counting(n, f)) for n, f in steps])
     result = run(from_flat(RunConfig, cfg, resume_run=True))
-    assert calls == ["finetune", "export"]
-    assert list(result.steps) == ["source", "convert", "finetune", "export"]
+    assert calls == ["finetune", "export", "report"]
+    assert list(result.steps) == ["source", "convert", "finetune", "export", "report"]
     with pytest.raises(OptionError, match=r"--resume: the options differ .* \(in training\)"):
         run(from_flat(RunConfig, cfg, resume_run=True, epochs=2))
 
