@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
