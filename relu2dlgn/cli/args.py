@@ -66,6 +66,17 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, *, skip: tuple
             target.add_argument(leaf.name, nargs="?", **kw)
 
 
+def add_command(sub: Any, name: str, options: type, run: Any, *, help: str, description: str | None = None,
+                **add_options_kw: Any) -> argparse.ArgumentParser:
+    """Register command ``name``: its flags from ``options`` (see :func:`add_options`), ``--config``, and
+    ``run(args) -> exit code`` as what it does."""
+    parser = sub.add_parser(name, help=help, description=description or help)
+    add_options(parser, options, **add_options_kw)
+    add_config_flag(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="TOML, YAML or JSON file setting any option (flags given here override it)")

@@ -26,7 +26,7 @@ from ..training.job import CONFIG_FILE
 from ..training.student import ClassifierStudent
 from ..pipeline.steps import SOURCE_DIR
 from ..zoo import create_model
-from .args import add_config_flag, add_options, resolve
+from .args import add_command, resolve
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,9 @@ class ExplainOptions:
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("explain", help="write the interpretability report of a saved DLGN or finetune run",
+    return add_command(sub, "explain", ExplainOptions, run,
+                       help="write the interpretability report of a saved DLGN or finetune run",
                        description=__doc__.split("\n\n")[1] if __doc__ else None)
-    add_options(p, ExplainOptions)
-    add_config_flag(p)
-    p.set_defaults(func=run)
-    return p
 
 
 def _model_dir(path: str) -> tuple[str, dict[str, Any] | None]:

@@ -12,7 +12,7 @@ from ..convert import ConvertOptions, convert
 from ..errors import OptionError
 from ..options import group, option
 from ..zoo import ModelOptions, create_model
-from .args import add_config_flag, add_options, resolve
+from .args import add_command, resolve
 
 
 @dataclass
@@ -23,12 +23,8 @@ class InspectOptions:
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("inspect", help="print the gate-site table of a model",
+    return add_command(sub, "inspect", InspectOptions, run, help="print the gate-site table of a model",
                        description="Convert MODEL and print its gate sites (index, kind, module path, op, shape).")
-    add_options(p, InspectOptions)
-    add_config_flag(p)
-    p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
