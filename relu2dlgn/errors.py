@@ -39,3 +39,8 @@ class NonFiniteLossError(Relu2DlgnError, RuntimeError):
     """The loss, the gradient or the model's state became NaN/inf; training stopped before the bad update was
     applied (or before the bad state reached a checkpoint), and the message says what the in-memory model was
     restored to."""
+
+
+class ExplainError(Relu2DlgnError, ValueError):
+    """An interpretability instrument cannot read this model as asked: a plain module where a converted one is
+    needed, a DGN where templates must be input-independent, an op whose path weights the NPK cannot set."""

@@ -74,18 +74,22 @@ def at_least(n: int) -> Check:
 
 
 def option(default: Any, help: str, *, check: Check | None = None, flags: tuple[str, ...] = (),
-           cli: bool = True, metavar: str | None = None) -> Any:
+           cli: bool = True, metavar: str | None = None, name: str | None = None) -> Any:
     """A dataclass field that is an option: ``default``, ``help``, an optional ``check`` of its value, the
-    command-line ``flags`` (default ``--field-name``), and ``cli=False`` for options with no flag."""
-    meta = {"help": help, "check": check, "flags": tuple(flags), "cli": cli, "metavar": metavar}
+    command-line ``flags`` (default ``--leaf-name``), ``cli=False`` for options with no flag, and ``name``:
+    the option's leaf name where it must differ from the field name (two groups composed into one config may
+    both have a field ``verify``; keyword arguments, flags and top-level config keys use the leaf name, the
+    group's section in a config file uses the field name)."""
+    meta = {"help": help, "check": check, "flags": tuple(flags), "cli": cli, "metavar": metavar, "name": name}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def group(cls: type, help: str) -> Any:
-    """A dataclass field holding a group of options (a dataclass ``cls``, default-constructed)."""
-    return field(default_factory=cls, metadata={"help": help, "group": True})
+def group(cls: type, help: str, **defaults: Any) -> Any:
+    """A dataclass field holding a group of options (a dataclass ``cls``), default-constructed with
+    ``defaults`` (a composed config can set its own defaults for a group, e.g. a smaller batch)."""
+    return field(default_factory=lambda: cls(**defaults), metadata={"help": help, "group": True})
 
 
 def is_group(f: Field) -> bool:
@@ -158,7 +162,8 @@ def _describe_type(tp: Any) -> str:
 
 @dataclass(frozen=True)
 class LeafOption:
-    """One option of a (nested) config class: its leaf name, the groups leading to it, field and type."""
+    """One option of a (nested) config class: its leaf name, the groups leading to it, field and type (the
+    field's own name is ``field.name``; the leaf name is the same unless the option declares another)."""
 
     name: str
     path: tuple[str, ...]
@@ -183,7 +188,7 @@ def flat_fields(cls: type, prefix: tuple[str, ...] = ()) -> list[LeafOption]:
         if is_group(f):
             out += flat_fields(tps[f.name], prefix + (f.name,))
         else:
-            out.append(LeafOption(f.name, prefix, f, tps[f.name]))
+            out.append(LeafOption(f.metadata.get("name") or f.name, prefix, f, tps[f.name]))
     if not prefix:
         seen: dict[str, tuple[str, ...]] = {}
         for leaf in out:
@@ -202,7 +207,7 @@ def _get(obj: Any, path: tuple[str, ...]) -> Any:
 
 def flat(obj: Any) -> dict[str, Any]:
     """``{leaf name: value}`` of a config instance."""
-    return {leaf.name: getattr(_get(obj, leaf.path), leaf.name) for leaf in flat_fields(type(obj))}
+    return {leaf.name: getattr(_get(obj, leaf.path), leaf.field.name) for leaf in flat_fields(type(obj))}
 
 
 def from_flat(cls: type[T], base: T | None = None, *, what: str = "option", **values: Any) -> T:
@@ -218,7 +223,7 @@ def from_flat(cls: type[T], base: T | None = None, *, what: str = "option", **va
         d = nested
         for p in leaves[name].path:
             d = d.setdefault(p, {})
-        d[name] = value
+        d[leaves[name].field.name] = value
     return from_dict(cls, nested, what=what)
 
 
@@ -252,11 +257,13 @@ def from_dict(cls: type[T], data: dict[str, Any], *, what: str = "option", sourc
             sub.setdefault(key, {}).update(value)
         elif f is not None:
             kwargs[key] = _coerce(value, tps[key])
-        elif key in leaves and leaves[key].path:
+        elif key in leaves and not leaves[key].path:
+            kwargs[leaves[key].field.name] = _coerce(value, tps[leaves[key].field.name])
+        elif key in leaves:
             d = sub.setdefault(leaves[key].path[0], {})
             for p in leaves[key].path[1:]:
                 d = d.setdefault(p, {})
-            d[key] = value
+            d[leaves[key].field.name] = value
         else:
             raise OptionError(f"unknown {what} '{key}'{where}; valid: {', '.join(sorted(leaves))}")
     for name, values in sub.items():
@@ -287,11 +294,12 @@ def validate(obj: Any, *, what: str = "option", source: str | None = None) -> No
             validate(value, what=what, source=source)
             continue
         tp = tps[f.name]
+        name = f.metadata.get("name") or f.name
         if not _type_ok(value, tp):
-            raise OptionError(f"{what} {f.name}={value!r}{where}: must be {_describe_type(tp)}")
+            raise OptionError(f"{what} {name}={value!r}{where}: must be {_describe_type(tp)}")
         check: Check | None = f.metadata.get("check")
         if check is not None and value is not None and not check(value):
-            raise OptionError(f"{what} {f.name}={value!r}{where}: must be {check.want}")
+            raise OptionError(f"{what} {name}={value!r}{where}: must be {check.want}")
     rules = getattr(obj, "check", None)
     if callable(rules):
         rules()

@@ -120,3 +120,35 @@ def test_finetune_config_leaf_names_are_unique_and_documented():
     leaves = flat_fields(FinetuneConfig)
     assert len({leaf.name for leaf in leaves}) == len(leaves) == 32
     assert all(leaf.help for leaf in leaves)
+
+
+@dataclass
+class _Export:
+    verify: bool = option(True, "check the export")
+
+
+@dataclass
+class _Convert:
+    verify: bool = option(True, "check the conversion", name="verify_conversion")
+
+
+@dataclass
+class _Both:
+    conversion: _Convert = group(_Convert, "conversion")
+    export: _Export = group(_Export, "export")
+
+
+def test_a_leaf_name_other_than_the_field_name_keeps_composed_groups_apart():
+    """Two groups with a field `verify`: one declares the leaf name `verify_conversion`, so keyword arguments,
+    flags and top-level keys address each without ambiguity, while each group's section keeps its field name."""
+    cfg = from_flat(_Both, verify_conversion=False)
+    assert cfg == _Both(conversion=_Convert(verify=False))
+    assert to_dict(cfg) == {"conversion": {"verify": False}, "export": {"verify": True}}
+    assert from_dict(_Both, {"verify_conversion": False, "export": {"verify": False}}) == \
+        _Both(_Convert(False), _Export(False))
+    assert flat(cfg) == {"verify_conversion": False, "verify": True}
+    with pytest.raises(OptionError, match=r"option verify_conversion=3: must be bool"):
+        from_flat(_Both, verify_conversion=3)
+    p = argparse.ArgumentParser()
+    add_options(p, _Both)
+    assert resolve(_Both, p.parse_args(["--no-verify-conversion"])) == _Both(_Convert(False), _Export(True))

@@ -1,4 +1,4 @@
-"""The command line: ``relu2dlgn inspect | finetune | export ...`` (``python -m relu2dlgn.cli`` too)."""
+"""The command line: ``relu2dlgn inspect | finetune | export | explain ...`` (``python -m relu2dlgn.cli`` too)."""
 from .main import build_parser, main
 
 __all__ = ["main", "build_parser"]

@@ -39,10 +39,9 @@ def int_or_str(text: str) -> int | str:
         return text
 
 
-def _flag_kwargs(leaf: O.LeafOption) -> dict[str, Any]:
+def _flag_kwargs(leaf: O.LeafOption, default: Any) -> dict[str, Any]:
     tp, _ = O.unwrap_optional(leaf.type)
     members = O.choices(tp)
-    default = leaf.default
     text = leaf.help + ("" if default in (None, False, True, "") else f" (default: {default})")
     kw: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS}
     if leaf.field.metadata.get("metavar"):
@@ -61,9 +60,11 @@ def _flag_kwargs(leaf: O.LeafOption) -> dict[str, Any]:
 
 
 def add_options(parser: argparse.ArgumentParser | Any, cls: type, *, skip: tuple[str, ...] = (),
-                grouped: bool = True) -> None:
-    """Add a flag for every command-line option of ``cls`` (groups become argument groups)."""
+                grouped: bool = True, flags: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Add a flag for every command-line option of ``cls`` (groups become argument groups); ``skip`` leaves
+    options out, ``flags`` overrides an option's flags for this command (``{"model": ("--model",)}``)."""
     groups: dict[tuple[str, ...], Any] = {}
+    defaults = O.flat(cls())  # a composed config may set its own defaults for a group
     for leaf in O.flat_fields(cls):
         if leaf.name in skip or not leaf.field.metadata.get("cli", True):
             continue
@@ -71,12 +72,24 @@ def add_options(parser: argparse.ArgumentParser | Any, cls: type, *, skip: tuple
         if grouped and leaf.path:
             target = groups.get(leaf.path) or groups.setdefault(
                 leaf.path, parser.add_argument_group(".".join(leaf.path)))
-        flags = leaf.field.metadata.get("flags") or ("--" + leaf.name.replace("_", "-"),)
-        kw = _flag_kwargs(leaf)
-        if flags[0].startswith("-"):
-            target.add_argument(*flags, dest=leaf.name, **kw)
+        names = (flags or {}).get(leaf.name) or leaf.field.metadata.get("flags") or \
+            ("--" + leaf.name.replace("_", "-"),)
+        kw = _flag_kwargs(leaf, defaults[leaf.name])
+        if names[0].startswith("-"):
+            target.add_argument(*names, dest=leaf.name, **kw)
         else:
             target.add_argument(leaf.name, nargs="?", **kw)
+
+
+def add_command(sub: Any, name: str, options: type, run: Any, *, help: str, description: str | None = None,
+                **add_options_kw: Any) -> argparse.ArgumentParser:
+    """Register command ``name``: its flags from ``options`` (see :func:`add_options`), ``--config``, and
+    ``run(args) -> exit code`` as what it does."""
+    parser = sub.add_parser(name, help=help, description=description or help)
+    add_options(parser, options, **add_options_kw)
+    add_config_flag(parser)
+    parser.set_defaults(func=run)
+    return parser
 
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +103,6 @@ def resolve(cls: type[T], args: argparse.Namespace, *, what: str = "option") -> 
     base = O.from_dict(cls, O.load_file(config), what=what, source=config) if config else None
     given = {leaf.name: getattr(args, leaf.name) for leaf in O.flat_fields(cls) if hasattr(args, leaf.name)}
     return O.from_flat(cls, base, what=what, **given)
-
 
 
 def shape_flag(size: tuple[int, ...]) -> str:

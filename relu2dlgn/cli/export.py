@@ -10,7 +10,7 @@ from ..dlgn import load
 from ..errors import InputError, OptionError
 from ..export import ExportOptions, example_inputs_for, export_onnx
 from ..options import group, option
-from .args import add_config_flag, add_options, resolve, shape_flag
+from .args import add_command, resolve, shape_flag
 
 
 @dataclass
@@ -25,13 +25,9 @@ class ExportCommand:
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("export", help="export a saved DLGN to ONNX (verified with onnxruntime)",
+    return add_command(sub, "export", ExportCommand, run, help="export a saved DLGN to ONNX (verified with onnxruntime)",
                        description="Export a model saved with dlgn.save(DIR) to ONNX, verify it with onnxruntime "
                                    "and print the report.")
-    add_options(p, ExportCommand)
-    add_config_flag(p)
-    p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

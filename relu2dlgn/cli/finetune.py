@@ -5,19 +5,15 @@ import argparse
 from typing import Any
 
 from ..training.job import CONFIG_FILE, FinetuneJob, run_finetune_job
-from .args import add_config_flag, add_options, resolve
+from .args import add_command, resolve
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "finetune", help="convert a model and fine-tune the DLGN on a dataset",
+    return add_command(
+        sub, "finetune", FinetuneJob, run, help="convert a model and fine-tune the DLGN on a dataset",
         description=f"Convert MODEL into a DLGN and fine-tune it; the resolved options are written to "
                     f"OUT/{CONFIG_FILE} (--config OUT/{CONFIG_FILE} repeats the run). Several GPUs: "
                     f"torchrun --nproc_per_node=N -m relu2dlgn.cli finetune ...")
-    add_options(p, FinetuneJob)
-    add_config_flag(p)
-    p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

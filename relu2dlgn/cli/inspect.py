@@ -12,7 +12,7 @@ from ..convert import ConvertOptions, convert
 from ..errors import OptionError
 from ..options import group, option, positive_sizes
 from ..zoo import ModelOptions, create_model
-from .args import add_config_flag, add_options, check_example_runs, resolve
+from .args import add_command, check_example_runs, resolve
 
 
 @dataclass
@@ -24,12 +24,8 @@ class InspectOptions:
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("inspect", help="print the gate-site table of a model",
+    return add_command(sub, "inspect", InspectOptions, run, help="print the gate-site table of a model",
                        description="Convert MODEL and print its gate sites (index, kind, module path, op, shape).")
-    add_options(p, InspectOptions)
-    add_config_flag(p)
-    p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,9 +8,9 @@ import sys
 from typing import Sequence
 
 from ..errors import Relu2DlgnError
-from . import export, finetune, inspect
+from . import explain, export, finetune, inspect, run
 
-COMMANDS = (inspect, finetune, export)
+COMMANDS = (run, inspect, finetune, export, explain)
 
 
 class _TqdmHandler(logging.Handler):

@@ -7,7 +7,7 @@ The package is cut by job: :mod:`.config` (every option, in typed groups), :mod:
 :mod:`.trainer` (the loop), :mod:`.api` (the front ends) and :mod:`.job` (``relu2dlgn finetune`` from specs).
 """
 from ..errors import NonFiniteLossError
-from .api import finetune, fresh_dlgn, train_classifier
+from .api import evaluate, finetune, fresh_dlgn, train_classifier
 from .bn import recalibrate_bn
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DistillOptions, FinetuneConfig, GateOptions, OptimOptions, OutputOptions, RuntimeOptions
@@ -20,7 +20,7 @@ from .teacher import DLGNTeacher, Teacher, TeacherTap, make_teacher, match_sites
 from .trainer import Trainer
 
 __all__ = [
-    "finetune", "fresh_dlgn", "train_classifier", "Trainer", "FinetuneConfig", "FinetuneResult", "OptimOptions", "GateOptions",
+    "finetune", "fresh_dlgn", "train_classifier", "evaluate", "Trainer", "FinetuneConfig", "FinetuneResult", "OptimOptions", "GateOptions",
     "DistillOptions", "RuntimeOptions", "OutputOptions", "recalibrate_bn", "Teacher", "TeacherTap",
     "DLGNTeacher", "make_teacher", "match_sites", "kd_loss", "site_gate_terms", "beta_at", "lr_factor",
     "Student", "DLGNStudent", "ClassifierStudent", "as_student", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "init_distributed", "NonFiniteLossError",

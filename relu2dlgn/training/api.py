@@ -1,5 +1,5 @@
 """``relu2dlgn.finetune(dlgn, train_loader, val_loader, teacher=model)``, ``train_classifier`` (the same loop for
-a plain network) and ``fresh_dlgn``."""
+a plain network), ``evaluate`` (its validation alone) and ``fresh_dlgn``."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence
@@ -74,6 +74,16 @@ def train_classifier(model: nn.Module, train_loader: Iterable, val_loader: Itera
         raise InputError("train_classifier() trains a plain nn.Module; for a DLGN use relu2dlgn.finetune")
     config = _config("train_classifier", config, epochs, options)
     return Trainer(model, train_loader, val_loader, config=config).fit()
+
+
+def evaluate(model: nn.Module, loader: Iterable, *, teacher: nn.Module | Teacher | None = None,
+             example_inputs: Sequence[torch.Tensor] | None = None, **options: Any) -> dict[str, Any]:
+    """The validation metrics :func:`finetune` records, for a DLGN (hard gates) or a plain classifier, without
+    training: ``val_loss``, ``val_acc`` and, with a teacher (a DLGN only), ``val_gate_agreement`` and its
+    per-site list. ``options`` are :class:`FinetuneConfig` options (``device``, ``amp``, ``progress``, ...)."""
+    config = _config("evaluate", None, 1, {"progress": False, **options})
+    trainer = Trainer(model, loader, loader, teacher=teacher, config=config, example_inputs=example_inputs)
+    return trainer.evaluate()
 
 
 def _config(caller: str, config: FinetuneConfig | None, epochs: int, options: dict[str, Any]) -> FinetuneConfig:
