@@ -18,7 +18,18 @@ from typing import Callable
 
 from torch import nn
 
-from .sites import is_activation_module, nonlinear_module_name
+from .sites import is_activation_module
+
+# torch.nn modules that make a module worth tracing into (rule 3): their calls become gates or are named as
+# nonlinearities instead of disappearing inside an opaque leaf
+_NONLINEAR_MODULES: tuple[type, ...] = (
+    nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Softmin, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold, nn.GLU, nn.RReLU,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.LocalResponseNorm, nn.LayerNorm, nn.GroupNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.MultiheadAttention,
+)
 
 
 def timm_notrace() -> tuple[set[type], set[Callable]]:
@@ -90,4 +101,4 @@ def split_norm_act(m: nn.Module) -> tuple[nn.Module, list[str]] | None:
 
 def contains_activation(m: nn.Module) -> bool:
     """True if a submodule of ``m`` is a gate activation or a known non-gate nonlinearity."""
-    return any(is_activation_module(sub) or nonlinear_module_name(sub) for sub in m.modules() if sub is not m)
+    return any(is_activation_module(sub) or isinstance(sub, _NONLINEAR_MODULES) for sub in m.modules() if sub is not m)
