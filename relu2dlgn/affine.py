@@ -34,7 +34,8 @@ parameter, buffer, constant or shape query):
 
 Not data at all (never flagged): placeholders, parameters and buffers (``get_attr``), shape and metadata
 queries (``x.size()``, ``x.shape``, ``x.dtype``, ...), tensors made from shapes only (``zeros_like``,
-``new_ones``, ...) and guards (``torch._assert``, the capture's ``_check_specialisation``).
+``new_ones``, ...), guards (``torch._assert``, the capture's ``_check_specialisation``) and grad-mode
+switches (:mod:`relu2dlgn.context`).
 
 A module call is on the list only if the module's class is listed *and* its ``forward`` is that class's own
 (a subclass overriding ``forward`` may do anything). Opaque leaves — TorchScript modules, user
@@ -75,9 +76,10 @@ _SHAPE_ONLY_METHODS = {"new_zeros", "new_ones", "new_empty"}
 
 
 def _guards() -> set[Callable]:
-    from .capture import _check_specialisation  # capture imports sites, which imports this module
+    from .context import GRAD_MODE_FUNCTIONS
+    from .tracer import _check_specialisation  # the tracer imports sites (leaves), which imports this module
 
-    out: set[Callable] = {torch._assert, _check_specialisation}
+    out: set[Callable] = {torch._assert, _check_specialisation, *GRAD_MODE_FUNCTIONS}
     for name in ("_assert_is_none",):
         fn = getattr(torch.fx._symbolic_trace, name, None)
         if fn is not None:
@@ -320,8 +322,19 @@ _MODULE_RULES: dict[type, ModuleRule] = {
 }
 
 
+_LIBRARY_RULES: dict[frozenset[str], dict[type, ModuleRule]] = {}
+
+
 def _library_module_rules() -> dict[type, ModuleRule]:
     """Listed modules of timm and torchvision (only when those libraries are imported)."""
+    key = frozenset(n for n in ("timm", "torchvision", "timm.layers.conv2d_same", "timm.layers.pool2d_same",
+                                "timm.layers.std_conv") if n in sys.modules)
+    if key not in _LIBRARY_RULES:
+        _LIBRARY_RULES[key] = _find_library_module_rules()
+    return _LIBRARY_RULES[key]
+
+
+def _find_library_module_rules() -> dict[type, ModuleRule]:
     out: dict[type, ModuleRule] = {}
     if "timm" in sys.modules:
         try:
@@ -420,6 +433,17 @@ def input_dependence(graph: fx.Graph, modules: dict[str, Any]) -> dict[fx.Node, 
     """Which nodes carry data derived from the graph's inputs. Shape queries and tensors made from shapes do
     not; a tensor that a later op fills with input-dependent data in place does from then on (so do all its
     aliases)."""
+    return _propagate(graph, modules, {n for n in graph.nodes if n.op == "placeholder"})
+
+
+def downstream(graph: fx.Graph, modules: dict[str, Any], sources: set[fx.Node]) -> set[fx.Node]:
+    """The nodes whose data depends on the output of one of ``sources`` (themselves included), through uses
+    and through in-place writes."""
+    dep = _propagate(graph, modules, sources)
+    return {n for n, d in dep.items() if d}
+
+
+def _propagate(graph: fx.Graph, modules: dict[str, Any], sources: set[fx.Node]) -> dict[fx.Node, bool]:
     group, _ = alias_analysis(graph, modules)
     tainted: set[int] = set()
     dep: dict[fx.Node, bool] = {}
@@ -428,16 +452,15 @@ def input_dependence(graph: fx.Graph, modules: dict[str, Any]) -> dict[fx.Node, 
         return dep.get(n, False) or group.get(n) in tainted
 
     for node in graph.nodes:
-        if node.op == "placeholder":
+        if node in sources:
             dep[node] = True
-        elif node.op in ("get_attr", "output") or _shape_only(node):
+        elif node.op in ("placeholder", "get_attr", "output") or _shape_only(node):
             dep[node] = False
         else:
             dep[node] = any(carries(n) for n in node.all_input_nodes)
         written = written_input(node, modules)
         if written is not None and dep[node]:
             tainted.add(group[written])
-            dep[node] = True
     for node in graph.nodes:  # a tensor read after the write (conservatively: every alias of it)
         if group.get(node) in tainted and node.op != "output" and not _shape_only(node):
             dep[node] = True

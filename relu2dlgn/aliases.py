@@ -30,6 +30,7 @@ _FRESH_MODULES: tuple[type, ...] = (
     nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.Upsample, nn.Embedding, nn.Softmax, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU,
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Hardtanh,  # in place they write (see written_input), else fresh
 )
 _FRESH_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg,
@@ -39,9 +40,10 @@ _FRESH_FUNCTIONS = {
     F.adaptive_avg_pool3d, F.interpolate, F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.sigmoid,
     torch.tanh, F.softmax, F.gelu, G.gate_relu, G.gate_leaky_relu, G.gate_prelu, G.gate_hardtanh,
     G.gate_maxpool, G.avg_pool_standin,
+    F.relu, torch.relu, F.leaky_relu, F.hardtanh, F.relu6, F.prelu, torch.prelu,  # unless in place: a write
 }
 _FRESH_METHODS = {"add", "sub", "mul", "div", "mean", "sum", "clone", "matmul", "sigmoid", "tanh", "softmax",
-                  "exp", "neg", "abs", "pow"}
+                  "exp", "neg", "abs", "pow", "relu"}
 
 
 def _bind(fn: Callable, node: fx.Node) -> dict[str, Any]:

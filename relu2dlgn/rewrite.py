@@ -125,7 +125,8 @@ def protect_inputs(g: fx.Graph, modules: dict[str, Any]) -> None:
 
 
 def prune(g: fx.Graph, modules: dict[str, Any]) -> None:
-    """Remove what the outputs do not need, keeping in-place ops on needed tensors and guards/asserts."""
+    """Remove what the outputs do not need, keeping in-place ops on needed tensors, guards/asserts and
+    grad-mode switches."""
     group, mutations = alias_analysis(g, modules)
     nodes = list(g.nodes)
     needed: set[fx.Node] = set()
@@ -139,7 +140,7 @@ def prune(g: fx.Graph, modules: dict[str, Any]) -> None:
                 stack.extend(x.all_input_nodes)
 
     for n in nodes:
-        if n.op in ("output", "placeholder"):
+        if n.op in ("output", "placeholder") or n.meta.get("grad_mode"):  # grad-mode switches: context.py
             need(n)
     changed = True
     while changed:

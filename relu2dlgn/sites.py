@@ -7,7 +7,7 @@ be on the allow-list of :mod:`relu2dlgn.affine`; those that are not are the non-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
