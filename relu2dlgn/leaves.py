@@ -8,7 +8,8 @@ Highest priority first:
    which exposes the activation as a gate site (:func:`split_norm_act`);
 3. modules whose forward branches on ``self.training`` (DropPath, DropBlock, StochasticDepth) are leaves,
    and so are timm's registered "no-trace" modules unless they contain activation modules (timm's VGG
-   ``ConvMlp``): those are traced into, so their activations become gates;
+   ``ConvMlp``) or are a gate module with its own ``forward`` (timm's ``MaxPool2dSame``): those are traced
+   into, so their activations become gates (one that cannot be traced stays opaque, :mod:`relu2dlgn.capture`);
 4. otherwise torch.fx's rule: ``torch.nn`` modules are leaves, everything else is traced through.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 
 from torch import nn
 
-from .sites import is_activation_module
+from .sites import is_activation_module, overrides_gate
 
 # torch.nn modules that make a module worth tracing into (rule 3): their calls become gates or are named as
 # nonlinearities instead of disappearing inside an opaque leaf
@@ -100,5 +101,7 @@ def split_norm_act(m: nn.Module) -> tuple[nn.Module, list[str]] | None:
 
 
 def contains_activation(m: nn.Module) -> bool:
-    """True if a submodule of ``m`` is a gate activation or a known non-gate nonlinearity."""
-    return any(is_activation_module(sub) or isinstance(sub, _NONLINEAR_MODULES) for sub in m.modules() if sub is not m)
+    """True if a submodule of ``m`` is a gate activation or a known non-gate nonlinearity, or ``m`` is a gate
+    module whose ``forward`` is overridden (timm's ``MaxPool2dSame`` pads, then max-pools)."""
+    return overrides_gate(m) or any(is_activation_module(sub) or isinstance(sub, _NONLINEAR_MODULES)
+                                    for sub in m.modules() if sub is not m)

@@ -38,6 +38,13 @@ def _own_forward(m: nn.Module, cls: type) -> bool:
     return isinstance(m, cls) and type(m).forward is cls.forward
 
 
+def overrides_gate(m: nn.Module) -> bool:
+    """``m`` subclasses a gate module but overrides its ``forward``: not a gate itself, but worth tracing into
+    (the gate call is likely inside)."""
+    gates = (*_GATE_MODULES, *_MAXPOOL_MODULES)
+    return isinstance(m, gates) and not any(_own_forward(m, cls) for cls in gates)
+
+
 # --------------------------------------------------------------------------------------------------
 # sites
 # --------------------------------------------------------------------------------------------------

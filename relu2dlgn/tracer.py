@@ -13,11 +13,12 @@ values are resolved with that value and recorded as :class:`Guard` s (checked at
 """
 from __future__ import annotations
 
+import contextlib
 import linecache
 import operator
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -27,8 +28,6 @@ from torch.fx.node import map_aggregate
 try:  # run real code while tracing: torch.fx patches Module.__call__ and autowrapped functions
     from torch.fx._symbolic_trace import _maybe_revert_all_patches as _unpatched
 except ImportError:  # pragma: no cover - older torch
-    import contextlib
-
     _unpatched = contextlib.nullcontext
 
 from .context import compiled_original
@@ -108,6 +107,26 @@ class _Attribute(_ProxyMixin, fx.proxy.Attribute):
     pass
 
 
+@contextlib.contextmanager
+def _autocast_accepting_proxies(root: Any) -> Iterator[None]:
+    """While tracing, let ``torch.autocast(device_type=x.device.type)`` take a traced device type (timm's
+    ``LiteMLA``): it becomes the device type of the model's parameters. torch.fx records no context manager, so
+    the region is not in the graph either way (the converted graph computes in its inputs' dtype)."""
+    original = torch.autocast
+
+    def autocast(device_type: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(device_type, str):
+            device_type = next((t.device.type for t in root.parameters()), "cpu") if isinstance(root, nn.Module) \
+                else "cpu"
+        return original(device_type, *args, **kwargs)
+
+    torch.autocast = autocast
+    try:
+        yield
+    finally:
+        torch.autocast = original
+
+
 @fx_leaf
 def _check_specialisation(actual: Any, expected: Any, module_path: str, where: str, example: str) -> None:
     """Run-time guard inserted after each branch that concrete tracing resolved."""
@@ -161,6 +180,10 @@ class CaptureTracer(fx.Tracer):
                 return False
             return True
         return super().is_leaf_module(m, path)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        with _autocast_accepting_proxies(root):
+            return super().trace(root, concrete_args)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         orig = compiled_original(m)
