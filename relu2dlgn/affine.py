@@ -273,13 +273,15 @@ def _method_rules() -> dict[str, Rule]:
     put("scatter scatter_ scatter_add scatter_add_", Rule(MOVE, ((0, "self"), (3, "src"))))
     put("masked_scatter masked_scatter_", Rule(MOVE, ((0, "self"), (2, "source"))))
     put("fill_ zero_", Rule(MOVE, _SELF))
-    put("view view_as reshape reshape_as flatten unflatten squeeze squeeze_ unsqueeze unsqueeze_ permute transpose "
+    put("view reshape flatten unflatten squeeze squeeze_ unsqueeze unsqueeze_ permute transpose "
         "transpose_ t t_ swapaxes swapdims movedim moveaxis narrow select roll "
-        "flip fliplr flipud rot90 repeat repeat_interleave tile expand expand_as broadcast_to diagonal diag_embed "
+        "flip fliplr flipud rot90 repeat repeat_interleave tile expand broadcast_to diagonal diag_embed "
         "tril tril_ triu triu_ split split_with_sizes chunk tensor_split unbind unfold contiguous clone detach "
         "detach_ requires_grad_ ravel __getitem__", Rule(MOVE, _SELF))
     put("__setitem__", Rule(MOVE, ((0, "self"), (2, "value"))))
-    put("to type float double half bfloat16 cpu cuda type_as", Rule(MOVE, _SELF, check=_float_dtype_check))
+    put("to type float double half bfloat16 cpu cuda", Rule(MOVE, _SELF, check=_float_dtype_check))
+    # the other tensor gives only its shape / dtype / device
+    put("view_as reshape_as expand_as type_as to", Rule(MOVE, ((0, "self"), (1, "other")), check=_float_dtype_check))
     put("sum mean cumsum cumsum_ trace diff", Rule(REDUCE, _SELF))
     return rules
 

@@ -41,9 +41,10 @@ _FRESH_FUNCTIONS = {
     torch.tanh, F.softmax, F.gelu, G.gate_relu, G.gate_leaky_relu, G.gate_prelu, G.gate_hardtanh,
     G.gate_maxpool, G.avg_pool_standin,
     F.relu, torch.relu, F.leaky_relu, F.hardtanh, F.relu6, F.prelu, torch.prelu,  # unless in place: a write
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
 }
 _FRESH_METHODS = {"add", "sub", "mul", "div", "mean", "sum", "clone", "matmul", "sigmoid", "tanh", "softmax",
-                  "exp", "neg", "abs", "pow", "relu"}
+                  "exp", "neg", "abs", "pow", "relu", "new_zeros", "new_ones", "new_empty", "new_full"}
 
 
 def _bind(fn: Callable, node: fx.Node) -> dict[str, Any]:

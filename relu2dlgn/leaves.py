@@ -2,7 +2,7 @@
 
 Highest priority first:
 
-1. ``leaf_modules`` given by the user (types or module paths) are opaque leaves;
+1. ``leaf_modules`` given by the user (types or module paths) and TorchScript modules are opaque leaves;
 2. timm's norm+activation modules (``BatchNormAct2d`` family) are *split*: the norm stays one module call
    (so ``train()``/``eval()`` keep working) and its ``drop``/``act`` children are traced as separate calls,
    which exposes the activation as a gate site (:func:`split_norm_act`);

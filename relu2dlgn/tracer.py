@@ -84,6 +84,9 @@ class _ProxyMixin:
     def __float__(self) -> float:
         return self.tracer._concrete(self, float, "float() of a traced value")
 
+    def __setitem__(self, key: Any, value: Any) -> None:  # torch.fx proxies have no item assignment
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
 
 def _inplace_operator(op: Callable) -> Callable:
     def method(self, other):
@@ -166,7 +169,7 @@ class CaptureTracer(fx.Tracer):
         return path in self.user_leaf_paths or isinstance(m, self.user_leaf_types)
 
     def is_leaf_module(self, m: nn.Module, path: str) -> bool:
-        if self._user_leaf(m, path):
+        if self._user_leaf(m, path) or isinstance(m, torch.jit.ScriptModule):  # TorchScript: opaque
             return True
         if split_norm_act(m) is not None:
             return False
