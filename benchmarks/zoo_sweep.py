@@ -7,7 +7,8 @@ For every model (every ``--stride``-th of ``timm.list_models()``, then torchvisi
 with at most ``--max-params`` parameters (counted on the meta device, before building): build it (random
 init, randomised batch-norm statistics, eval mode) and record
 
-* ``sites`` and their ``kinds`` (a DGN conversion);
+* ``sites`` and their ``kinds`` (a DGN conversion), and ``eager_gates``: the activation / max-pool calls an eager
+  forward makes (counted with a torch function mode: an independent count of the sites);
 * ``dgn_exact``: the DGN's output equals the source's on a batch of 2 random inputs (relative error <= 1e-5;
   the error is recorded);
 * ``dlgn``: strict DLGN conversion ``built``, ``refused`` (the first operation the allow-list refused), or the
@@ -77,6 +78,27 @@ def _leaves(y: Any) -> list:
     return [t for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+_GATE_OPS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "prelu", "hardtanh", "hardtanh_", "relu6",
+             "max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d", "_max_pool3d"}
+
+
+def _eager_gate_calls(model, x) -> int:
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in _GATE_OPS:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        model(x)
+    return Count.n
+
+
 def _rel(a, b) -> float:
     return float(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
 
@@ -110,7 +132,10 @@ def sweep_one(spec: str, max_params: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     row: dict[str, Any] = {"model": spec}
     try:
-        meta = _build(spec, "meta")
+        try:
+            meta = _build(spec, "meta")
+        except Exception:  # initialisers that need data (torchvision's RegNet): count on the CPU
+            meta = _build(spec)
         row["params"] = sum(p.numel() for p in meta.parameters())
         del meta
     except Exception as exc:
@@ -142,6 +167,10 @@ def sweep_one(spec: str, max_params: float) -> dict[str, Any]:
         row.update(status="source fails", error="the source model runs on neither 64 px nor its cfg size")
         return row
     row["input"] = "x".join(map(str, x.shape[1:]))
+    try:
+        row["eager_gates"] = _eager_gate_calls(model, x[:1])
+    except Exception:
+        row["eager_gates"] = None
     raw: list[str] = []
     try:
         dgn = relu2dlgn.convert(model, mode="dgn", example_inputs=(x[:1],)).eval()
@@ -247,6 +276,8 @@ def counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "ran": len(ok),
         "with gate sites": len(with_sites),
         "no gate site": sum(1 for r in ok if r.get("sites") == 0),
+        "sites != eager gate calls": [f"{r['model']}: {r.get('sites')} sites, {r.get('eager_gates')} calls" for r in ok
+                                      if r.get("sites") is not None and r.get("sites") != r.get("eager_gates")],
         "DGN exact": sum(1 for r in with_sites if r.get("dgn_exact")),
         "DGN not exact": [r["model"] for r in with_sites if r.get("dgn_exact") is False],
         "DGN conversion failed": [f"{r['model']}: {r.get('dgn_failure')}" for r in ok
@@ -275,14 +306,24 @@ def _md_row(r: dict[str, Any]) -> str:
         dlgn = f"refused: {r.get('dlgn_first_refused', '')}"
     params = f"{r['params'] / 1e6:.1f} M" if r.get("params") is not None else "-"
     fx = {True: "yes", False: "no"}.get(r.get("fx"), "-")
-    cells = [r["model"], params, str(r.get("sites", "-")), kinds, dgn, dlgn.replace("|", "/"), fx,
-             str(r.get("seconds", "-"))]
+    cells = [r["model"], params, str(r.get("sites", "-")), str(r.get("eager_gates", "-")), kinds, dgn,
+             dlgn.replace("|", "/"), fx, str(r.get("seconds", "-"))]
     return "| " + " | ".join(c.replace("\n", " ") for c in cells) + " |"
+
+
+def summaries(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Counts over all rows, and per library."""
+    out = {"all": counts(rows)}
+    for lib, prefix in (("timm", "timm:"), ("torchvision", "tv:")):
+        part = [r for r in rows if r["model"].startswith(prefix)]
+        if part and len(part) < len(rows):
+            out[lib] = counts(part)
+    return out
 
 
 def write(out: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     os.makedirs(out, exist_ok=True)
-    summary = counts(rows)
+    summary = summaries(rows)
     with open(os.path.join(out, "zoo_sweep.json"), "w") as f:
         json.dump({"settings": settings, "counts": summary, "rows": rows}, f, indent=1)
     lines = [f"# Zoo sweep ({settings['date']})", "",
@@ -290,15 +331,18 @@ def write(out: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> Non
              f"{settings['torchvision']}; every {settings['stride']}-th timm model, <= {settings['max_params']:.0f} "
              f"parameters, {settings['time_limit']} s per model, {settings['threads']} thread(s).", "",
              "## Counts", ""]
-    for k, v in summary.items():
-        if isinstance(v, list):
-            lines.append(f"- {k}: {len(v)}" + ("" if not v else ":"))
-            lines += [f"  - {x}" for x in v]
-        else:
-            lines.append(f"- {k}: {v}")
+    keys = list(summary["all"])
+    libs = list(summary)
+    lines += ["| | " + " | ".join(libs) + " |", "|---|" + "---|" * len(libs)]
+    for k in keys:
+        cells = [str(len(summary[lib][k]) if isinstance(summary[lib][k], list) else summary[lib][k]) for lib in libs]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    for k in keys:
+        if isinstance(summary["all"][k], list) and summary["all"][k]:
+            lines += ["", f"{k}:"] + [f"- {x}" for x in summary["all"][k]]
     lines += ["", "## Models", "",
-              "| model | params | sites | kinds | DGN exact (rel. error) | strict DLGN | fx traces | s |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| model | params | sites | eager gate calls | kinds | DGN exact (rel. error) | strict DLGN | fx traces | s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     lines += [_md_row(r) for r in rows if r.get("status") != "too large"]
     with open(os.path.join(out, "zoo_sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -341,7 +385,7 @@ def main() -> None:
             write(args.out, rows, settings)
     finally:
         worker.stop()
-    print(json.dumps(counts(rows), indent=1))
+    print(json.dumps(summaries(rows), indent=1))
 
 
 def _cpu() -> str:

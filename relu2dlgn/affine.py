@@ -62,15 +62,12 @@ from torch import nn
 from torch.fx.node import map_aggregate
 
 from . import gates as G
-from .aliases import alias_analysis, written_input
+from .aliases import alias_analysis, is_shape_query, written_input
 
 # --------------------------------------------------------------------------------------------------
 # not data: metadata, shape-only constructors, guards
 # --------------------------------------------------------------------------------------------------
 
-SHAPE_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "stride", "element_size", "get_device",
-                 "is_contiguous", "is_floating_point", "is_complex", "data_ptr"}
-SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_leaf"}
 _SHAPE_ONLY_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.empty_like, len}
 _SHAPE_ONLY_METHODS = {"new_zeros", "new_ones", "new_empty"}
 
@@ -422,11 +419,12 @@ def op_name(node: fx.Node, modules: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def _shape_only(node: fx.Node) -> bool:
+    """A shape query, or a tensor made from a shape only (``zeros_like``)."""
+    if is_shape_query(node):
+        return True
     if node.op == "call_method":
-        return node.target in SHAPE_METHODS or node.target in _SHAPE_ONLY_METHODS
+        return node.target in _SHAPE_ONLY_METHODS
     if node.op == "call_function":
-        if node.target is getattr:
-            return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
         return node.target in _SHAPE_ONLY_FUNCTIONS
     return False
 
@@ -464,7 +462,7 @@ def _propagate(graph: fx.Graph, modules: dict[str, Any], sources: set[fx.Node]) 
         if written is not None and dep[node]:
             tainted.add(group[written])
     for node in graph.nodes:  # a tensor read after the write (conservatively: every alias of it)
-        if group.get(node) in tainted and node.op != "output" and not _shape_only(node):
+        if group.get(node) in tainted and node.op != "output" and not is_shape_query(node):
             dep[node] = True
     return dep
 

@@ -25,6 +25,20 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
                       operator.ilshift, operator.irshift, operator.imatmul}
 
+SHAPE_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "stride", "element_size", "get_device",
+                 "is_contiguous", "is_floating_point", "is_complex", "data_ptr"}
+SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad", "is_leaf"}
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """``x.size()``, ``x.shape``, ``x.dtype``, ...: a node that reads a tensor's metadata, not its data."""
+    if node.op == "call_method":
+        return node.target in SHAPE_METHODS
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in SHAPE_ATTRS
+    return False
+
+
 _FRESH_MODULES: tuple[type, ...] = (
     nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
     nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
@@ -42,9 +56,16 @@ _FRESH_FUNCTIONS = {
     G.gate_maxpool, G.avg_pool_standin,
     F.relu, torch.relu, F.leaky_relu, F.hardtanh, F.relu6, F.prelu, torch.prelu,  # unless in place: a write
     torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+    torch.where, torch.masked_fill, torch.lerp, torch.addcmul, torch.addcdiv, torch.subtract, torch.multiply,
+    torch.divide, torch.true_divide, torch.neg, torch.negative, torch.flip, torch.roll, torch.cumsum, torch.einsum,
+    torch.bmm, torch.mm, torch.mv, torch.addmm, torch.baddbmm, torch.tensordot, torch.concat, torch.concatenate,
+    torch.hstack, torch.vstack, torch.clone, torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+    F.pad, F.bilinear, F.pixel_shuffle, F.pixel_unshuffle, F.unfold, F.fold, F.grid_sample, torch.exp, torch.square,
 }
 _FRESH_METHODS = {"add", "sub", "mul", "div", "mean", "sum", "clone", "matmul", "sigmoid", "tanh", "softmax",
-                  "exp", "neg", "abs", "pow", "relu", "new_zeros", "new_ones", "new_empty", "new_full"}
+                  "exp", "neg", "abs", "pow", "relu", "new_zeros", "new_ones", "new_empty", "new_full", "masked_fill",
+                  "where", "lerp", "addcmul", "addcdiv", "flip", "roll", "cumsum", "repeat", "repeat_interleave",
+                  "tile", "bmm", "mm", "subtract", "multiply", "divide", "true_divide", "square", "sin", "cos"}
 
 
 def _bind(fn: Callable, node: fx.Node) -> dict[str, Any]:
@@ -105,7 +126,10 @@ def written_input(node: fx.Node, modules: dict[str, Any]) -> fx.Node | None:
 
 
 def is_fresh(node: fx.Node, modules: dict[str, Any]) -> bool:
-    """True if ``node`` is known to return newly allocated storage (never an alias of an input)."""
+    """True if ``node`` is known to return newly allocated storage (never an alias of an input); a shape query
+    returns no storage at all."""
+    if is_shape_query(node):
+        return True
     if node.op == "call_module":
         return isinstance(modules.get(node.target), _FRESH_MODULES)
     if node.op == "call_function":

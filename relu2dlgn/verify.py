@@ -5,9 +5,10 @@ batch statistics and is not affine). On random inputs ``x1``, ``x2`` shaped like
 ``xm = a x1 + (1 - a) x2`` (``a = 0.3``), in float64:
 
 * every gating pre-activation is affine in the input: ``|q(xm) - (a q(x1) + (1 - a) q(x2))|_max`` is at most
-  ``tol`` times the size of the pre-activation (``max(|q(x1)|, |q(x2)|, |q(xm)|)``), *not* of its
-  input-dependent part: a deep linear gating network at random init can carry an input-dependent part
-  ``1e-12`` of its bias, so a relative measure of that part would be rounding noise;
+  ``tol`` times the size of the pre-activation (``max(|q(x1)|, |q(x2)|, |q(xm)|)``, at least 1e-6 of the
+  largest site's and 1e-12), *not* of its input-dependent part: a deep linear gating network at random init
+  can carry an input-dependent part ``1e-12`` of its bias, so a relative measure of that part would be
+  rounding noise;
 * the value graph is affine in its value input for fixed (hard) gates, measured the same way on its outputs.
 
 The first site (or output) that fails raises :class:`ConversionError` naming it. Sites downstream of a
@@ -126,21 +127,30 @@ def _three(single: Callable[..., Any], points: Sequence[tuple[Any, ...]],
                 return parts
     except Exception:  # a graph specialised to the batch size, or one that does not take a batch
         pass
-    return [_leaves(single(*p)) for p in points]
+    return [_leaves(single(*_copy(p))) for p in points]
 
 
-def _rel_error(y1: torch.Tensor, y2: torch.Tensor, ym: torch.Tensor) -> float:
-    scale = max(y1.abs().max().item(), y2.abs().max().item(), ym.abs().max().item()) if y1.numel() else 0.0
-    err = (ym - (A * y1 + (1 - A) * y2)).abs().max().item() if y1.numel() else 0.0
-    if not (err == err and scale < float("inf")):
-        return float("inf")
-    return err / scale if scale > 0 else err
+def _size(*ys: torch.Tensor) -> float:
+    return max((y.abs().max().item() for y in ys if y.numel()), default=0.0)
+
+
+def _errors(parts: list[list[torch.Tensor]]) -> list[float]:
+    """Each output's affinity error ``|y(xm) - (a y(x1) + (1 - a) y(x2))|_max`` relative to its size, the size
+    being at least 1e-6 of the largest output's and 1e-12 (an output that is identically ~0, such as
+    ``x - x.flip(-1)`` averaged, is rounding noise relative to itself). Non-finite values give ``inf``."""
+    sizes = [_size(y1, y2, ym) for y1, y2, ym in zip(*parts)]
+    floor = max(1e-6 * max(sizes, default=0.0), 1e-12)
+    out = []
+    for (y1, y2, ym), size in zip(zip(*parts), sizes):
+        err = _size(ym - (A * y1 + (1 - A) * y2))
+        out.append(err / max(size, floor) if err == err and size < float("inf") else float("inf"))
+    return out
 
 
 def _worst(parts: list[list[torch.Tensor]]) -> tuple[int, float]:
     """(index, affinity error) of the output with the largest error (the first of equals)."""
-    errors = [(i, _rel_error(a, b, m)) for i, (a, b, m) in enumerate(zip(*parts))]
-    return max(errors, key=lambda e: e[1]) if errors else (-1, 0.0)
+    errors = _errors(parts)
+    return max(enumerate(errors), key=lambda e: e[1]) if errors else (-1, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,9 +182,14 @@ def _describe(xs: Sequence[Any]) -> str:
     return ", ".join("x".join(map(str, x.shape)) for x in xs if isinstance(x, torch.Tensor))
 
 
+def _copy(xs: Sequence[Any]) -> tuple[Any, ...]:
+    """Fresh copies of the tensors: a model may write into its input in place."""
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in xs)
+
+
 def _source_runs(source: nn.Module, x: tuple[Any, ...]) -> bool:
     try:
-        source(*x)
+        source(*_copy(x))
         return True
     except Exception:
         return False
@@ -199,8 +214,9 @@ def _guarded(f: Callable[[], Any], source: nn.Module, x: tuple[Any, ...], what: 
 def _check_dgn(dlgn: nn.Module, source: nn.Module, x: tuple[Any, ...]) -> str:
     dtype = _param_dtype(source)
     x, tol = _to(x, dtype), DGN_TOL.get(dtype, 1e-5)
-    ref = _guarded(lambda: _leaves(source(*x)), source, x, "source")
-    got = _guarded(lambda: _leaves(dlgn.value(*x, *dlgn.gates_of(dlgn.gating(*x), hard=True))), source, x, "DGN")
+    ref = _guarded(lambda: _leaves(source(*_copy(x))), source, x, "source")
+    got = _guarded(lambda: _leaves(dlgn.value(*_copy(x), *dlgn.gates_of(dlgn.gating(*_copy(x)), hard=True))),
+                   source, x, "DGN")
     for i, (g, r) in enumerate(zip(got, ref)):
         err = (g - r).abs().max().item() / max(r.abs().max().item(), 1e-30)
         if not err <= tol:
@@ -239,10 +255,9 @@ def _check_dlgn(dlgn: nn.Module, source: nn.Module, x1: tuple[Any, ...], x2: tup
         parts = _guarded(lambda: gating(_param_dtype(dlgn)), source, _to(x1, _param_dtype(source)), "gating graph")
     tol = TOL[dtype]
     worst = 0.0
-    for i, (q1, q2, qm) in enumerate(zip(*parts)):
-        if i in unchecked:
-            continue
-        err = _rel_error(q1, q2, qm)
+    checked = [[q for i, q in enumerate(p) if i not in unchecked] for p in parts]
+    indices = [i for i in range(len(parts[0])) if i not in unchecked]
+    for i, err in zip(indices, _errors(checked)):
         worst = max(worst, err)
         if not err <= tol:
             s = sites[i]

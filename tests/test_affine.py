@@ -26,13 +26,15 @@ def _outs(y):
 
 
 def affinity_error(f, x1: torch.Tensor, x2: torch.Tensor, a: float = 0.3) -> float:
-    """Largest ``|f(mix) - (a f(x1) + (1-a) f(x2))|`` over the outputs, relative to the outputs' size."""
-    worst = 0.0
+    """Largest ``|f(mix) - (a f(x1) + (1-a) f(x2))|`` over the outputs, relative to each output's size (at least
+    1e-6 of the largest output's: an output that is identically ~0, like ``x - x.flip(-1)`` averaged, is rounding
+    noise relative to itself)."""
     with torch.no_grad():
-        for m, y1, y2 in zip(_outs(f(a * x1 + (1 - a) * x2)), _outs(f(x1.clone())), _outs(f(x2.clone()))):
-            scale = max(y1.abs().max().item(), y2.abs().max().item(), m.abs().max().item(), 1e-300)
-            worst = max(worst, (m - (a * y1 + (1 - a) * y2)).abs().max().item() / scale)
-    return worst
+        triples = list(zip(_outs(f(a * x1 + (1 - a) * x2)), _outs(f(x1.clone())), _outs(f(x2.clone()))))
+    scales = [max(y1.abs().max().item(), y2.abs().max().item(), m.abs().max().item()) for m, y1, y2 in triples]
+    floor = max(1e-6 * max(scales), 1e-300)
+    return max((m - (a * y1 + (1 - a) * y2)).abs().max().item() / max(s, floor)
+               for (m, y1, y2), s in zip(triples, scales))
 
 
 def _convert(model, **kwargs):
@@ -46,13 +48,16 @@ def _one_op_plan(name: str) -> Plan:
         ("gate", "relu", "functional"), ("head", 3)])
 
 
+TOL = 1e-7  # float64; cancellations (x - x.mean()) leave ~1e-9 relative rounding, real nonlinearities >= 1e-3
+
+
 def _assert_faithful(dlgn: relu2dlgn.DLGN, plan: Plan) -> None:
     dlgn = dlgn.eval().double()
     x1, x2 = _input(plan), _input(plan, seed=1)
-    assert affinity_error(lambda t: tuple(dlgn.gating(t)), x1, x2) <= 1e-9
+    assert affinity_error(lambda t: tuple(dlgn.gating(t)), x1, x2) <= TOL
     with torch.no_grad():
         gates = dlgn.gates(x1.clone(), hard=True)
-    assert affinity_error(lambda v: dlgn.value(v, *gates), x1, x2) <= 1e-9
+    assert affinity_error(lambda v: dlgn.value(v, *gates), x1, x2) <= TOL
 
 
 @pytest.mark.parametrize("name", [op.name for op in AFFINE])
@@ -159,3 +164,49 @@ def test_verify_leaves_the_model_as_it_was():
     assert [p is q for p, q in zip(dlgn.parameters(), params)] == [True] * len(params)
     for k, v in dlgn.state_dict().items():
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+
+
+# --------------------------------------------------------------------------------------------------
+# data dependence through storage
+# --------------------------------------------------------------------------------------------------
+
+class _ShapeAfterInplace(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y.relu_()                                   # an in-place write into y's storage
+        n = y.shape[0]                              # then shape queries on it: not data
+        z = y.view(n, y.shape[1], -1).mean(-1) / (y.shape[2] % 5 + 1)
+        return self.fc(z).relu()
+
+
+def test_shape_queries_of_a_written_tensor_are_not_data():
+    """Found by the zoo sweep (eca_vovnet39b, botnet26t, halonet_h1, resnest26d were refused for a view / == / % /
+    // on x.shape): shape tuples were put in the storage group of their tensor, and an in-place ReLU into that
+    storage made them input-dependent. Reference: the numerical affinity test."""
+    model = _ShapeAfterInplace().eval()
+    dlgn = relu2dlgn.convert(model, mode="dlgn", verify=False).eval().double()
+    assert dlgn.report.nonlinear_kept == []
+    x1, x2 = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert affinity_error(lambda t: tuple(dlgn.gating(t)), x1, x2) <= TOL
+
+
+class _ProductAfterWrite(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        h = self.conv(x).relu()
+        buf = torch.zeros_like(h)                   # made from a shape only: not input-dependent...
+        buf[:, :1] = h[:, :1]                       # ...until input-dependent data is written into it
+        return (buf * buf).relu()
+
+
+def test_a_tensor_written_with_input_data_is_input_dependent():
+    with pytest.raises(relu2dlgn.ConversionError, match="operator.mul of two input-dependent tensors"):
+        relu2dlgn.convert(_ProductAfterWrite().eval(), mode="dlgn", verify=False)
