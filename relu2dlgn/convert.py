@@ -15,7 +15,7 @@ from .errors import ConversionError
 from .options import option, positive
 from .report import ConversionReport, InputSpec
 from .rewrite import build_gating, build_value
-from .affine import downstream
+from .dependence import downstream
 from .sites import Classified, GateSite, Nonlinearity, find_sites
 from .types import MODES, POOLS, VALUE_INPUTS, Mode, Pool, ValueInput
 from .utils.modes import eval_mode
@@ -140,7 +140,8 @@ def _verify(dlgn: DLGN, model: nn.Module, cap: Captured, sites: list[tuple[fx.No
     """Run :func:`relu2dlgn.verify.verify`; sites downstream of a kept nonlinearity are not checked."""
     examples = cap.example_inputs
     if examples is None:
-        examples = default_example_inputs(model)
+        with torch.random.fork_rng(devices=[]):  # only their shapes are used: leave the caller's RNG alone
+            examples = default_example_inputs(model)
         if examples is not None:
             device = dlgn.device
             examples = tuple(e.to(device) for e in examples)
@@ -149,7 +150,7 @@ def _verify(dlgn: DLGN, model: nn.Module, cap: Captured, sites: list[tuple[fx.No
         names = {n.node for n in nonlinear}
         after = downstream(cap.graph, cap.modules, {n for n in cap.graph.nodes if n.name in names})
         unchecked = {i for i, (_, c) in enumerate(sites) if c.input in after}
-    return verify(dlgn, model, examples, unchecked_sites=unchecked, check_value=not nonlinear)
+    return verify(dlgn, model, examples, unchecked_sites=unchecked, check_value=not nonlinear, same_weights=True)
 
 
 def _check_model(model: nn.Module) -> None:
@@ -163,7 +164,8 @@ def _input_specs(cap: Captured, model: nn.Module) -> list[InputSpec]:
     placeholders = [n for n in cap.graph.nodes if n.op == "placeholder"]
     examples = cap.example_inputs
     if examples is None:
-        examples = default_example_inputs(model) if _has_cfg(model) else None
+        with torch.random.fork_rng(devices=[]):  # only their shapes are used: leave the caller's RNG alone
+            examples = default_example_inputs(model) if _has_cfg(model) else None
     specs = []
     for i, p in enumerate(placeholders):
         ex = examples[i] if examples is not None and i < len(examples) else None

@@ -14,7 +14,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .affine import input_dependence, non_affine
+from .affine import non_affine
+from .dependence import input_dependence
 from .aliases import is_inplace  # noqa: F401  (re-exported: in-place detection lives with the alias analysis)
 from .errors import ConversionError
 from .gates import GateSpec, PoolGeometry

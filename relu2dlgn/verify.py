@@ -19,9 +19,9 @@ input (relative error ``<= 1e-5`` of the output's size; 1e-2 for half-precision 
 
 Inputs: batch 1 and at most 16 positions per spatial dimension when the converted graphs accept that (cheap),
 else the example input's shape. The three points are evaluated as one batch of three, falling back to three
-calls when a graph mixes samples or does not take the batch. The models are cast to float64 in place for the
-check (each parameter's storage is swapped for a float64 copy and back, so nothing is copied twice and ties
-are kept); a graph that cannot run in float64 (a constant of another dtype) is checked in its own dtype with
+calls when a graph mixes samples or does not take the batch. The graphs are cast to float64 in place for the
+check (each parameter's data is swapped for a float64 copy and back: ties are kept, nothing is cast back, and
+a weight the gating and the value graph share by name is cast once); a graph that cannot run in float64 (a constant of another dtype) is checked in its own dtype with
 ``tol`` 1e-3. A check that no input shape lets run (the source itself fails on it) is skipped with a warning:
 pass ``example_inputs``.
 """
@@ -88,17 +88,21 @@ def _mix(x1: Sequence[Any], x2: Sequence[Any]) -> tuple[Any, ...]:
 # --------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _cast(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """Swap every floating-point parameter's and buffer's data for a ``dtype`` copy; swap back on exit."""
+def _cast(module: nn.Module, dtype: torch.dtype, copies: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Swap every floating-point parameter's and buffer's data for a ``dtype`` copy; swap back on exit.
+
+    ``copies`` (name -> copy) is shared between the gating and the value graph: at conversion both hold copies of
+    the source's weights under the source's names, so each weight is cast once."""
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    seen: set[int] = set()
     try:
-        for t in itertools.chain(module.parameters(), module.buffers()):
-            if id(t) in seen or not t.is_floating_point() or t.dtype == dtype:
+        for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+            if not t.is_floating_point() or t.dtype == dtype:
                 continue
-            seen.add(id(t))
+            copy = copies.get(name)
+            if copy is None or copy.shape != t.shape:
+                copy = copies[name] = t.data.to(dtype)
             saved.append((t, t.data))
-            t.data = t.data.to(dtype)
+            t.data = copy
         yield
     finally:
         for t, data in saved:
@@ -158,9 +162,12 @@ def _worst(parts: list[list[torch.Tensor]]) -> tuple[int, float]:
 # --------------------------------------------------------------------------------------------------
 
 def verify(dlgn: nn.Module, source: nn.Module, examples: Sequence[Any] | None, *, unchecked_sites: set[int],
-           check_value: bool) -> str:
+           check_value: bool, same_weights: bool = False) -> str:
     """Run the check for ``dlgn`` (a :class:`~relu2dlgn.DLGN` converted from ``source``) and return what was
-    checked, for the conversion report. Raises :class:`ConversionError` naming the first failure."""
+    checked, for the conversion report. Raises :class:`ConversionError` naming the first failure.
+
+    ``same_weights``: the gating and the value graph hold equal weights under equal names (true right after
+    conversion), so each is cast to float64 once."""
     if not examples:
         log.warning("conversion not verified: no example input is known; pass example_inputs to convert")
         return "not verified: no example input (pass example_inputs)"
@@ -171,7 +178,7 @@ def verify(dlgn: nn.Module, source: nn.Module, examples: Sequence[Any] | None, *
             with eval_mode(dlgn, source), torch.no_grad():
                 if dlgn.mode == "dgn":
                     return _check_dgn(dlgn, source, x1)
-                return _check_dlgn(dlgn, source, x1, x2, unchecked_sites, check_value)
+                return _check_dlgn(dlgn, source, x1, x2, unchecked_sites, check_value, same_weights)
         except _Inapplicable as why:
             log.info("verification input %s not applicable (%s)", _describe(shape), why)
     log.warning("conversion not verified: neither a small input nor the example's shape runs through the model")
@@ -229,10 +236,10 @@ def _check_dgn(dlgn: nn.Module, source: nn.Module, x: tuple[Any, ...]) -> str:
     return f"DGN reproduces the source (eval mode, input {_describe(x)})"
 
 
-def _in_dtype(module: nn.Module, f: Callable[[], Any]) -> tuple[Any, torch.dtype]:
+def _in_dtype(module: nn.Module, f: Callable[[], Any], copies: dict[str, torch.Tensor]) -> tuple[Any, torch.dtype]:
     """``f()`` with ``module`` cast to float64, or in its own dtype if it cannot run in float64."""
     try:
-        with _cast(module, torch.float64):
+        with _cast(module, torch.float64, copies):
             return f(), torch.float64
     except (SpecialisationError, ConversionError, _Inapplicable):
         raise
@@ -242,14 +249,15 @@ def _in_dtype(module: nn.Module, f: Callable[[], Any]) -> tuple[Any, torch.dtype
 
 
 def _check_dlgn(dlgn: nn.Module, source: nn.Module, x1: tuple[Any, ...], x2: tuple[Any, ...],
-                unchecked: set[int], check_value: bool) -> str:
+                unchecked: set[int], check_value: bool, same_weights: bool) -> str:
     xm = _mix(x1, x2)
     sites = dlgn.sites
+    copies: dict[str, torch.Tensor] = {}
 
     def gating(dtype: torch.dtype) -> list[list[torch.Tensor]]:
         return _three(lambda *x: tuple(dlgn.gating(*x)), [_to(p, dtype) for p in (x1, x2, xm)])
 
-    parts, dtype = _guarded(lambda: _in_dtype(dlgn.gating, lambda: gating(torch.float64)), source,
+    parts, dtype = _guarded(lambda: _in_dtype(dlgn.gating, lambda: gating(torch.float64), copies), source,
                             _to(x1, _param_dtype(source)), "gating graph")
     if dtype != torch.float64:
         parts = _guarded(lambda: gating(_param_dtype(dlgn)), source, _to(x1, _param_dtype(source)), "gating graph")
@@ -270,7 +278,7 @@ def _check_dlgn(dlgn: nn.Module, source: nn.Module, x1: tuple[Any, ...], x2: tup
             f"{str(dtype).replace('torch.', '')}, eval mode, input {_describe(x1)})")
     if not check_value:
         return text + "; value graph not checked (it keeps non-gate nonlinearities)"
-    return text + "; " + _check_value(dlgn, source, parts[0], x1)
+    return text + "; " + _check_value(dlgn, source, parts[0], x1, copies if same_weights else {})
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype:
@@ -280,7 +288,8 @@ def _param_dtype(module: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _check_value(dlgn: nn.Module, source: nn.Module, q1: list[torch.Tensor], x1: tuple[Any, ...]) -> str:
+def _check_value(dlgn: nn.Module, source: nn.Module, q1: list[torch.Tensor], x1: tuple[Any, ...],
+                 copies: dict[str, torch.Tensor]) -> str:
     gen = torch.Generator().manual_seed(1)
     v1, v2 = _random_like(x1, gen), _random_like(x1, gen)
 
@@ -292,7 +301,8 @@ def _check_value(dlgn: nn.Module, source: nn.Module, q1: list[torch.Tensor], x1:
         return _three(lambda *v: dlgn.value(*v, *gates), points, lambda *v: dlgn.value(*v, *gates3))
 
     x = _to(x1, _param_dtype(source))
-    parts, dtype = _guarded(lambda: _in_dtype(dlgn.value, lambda: value(torch.float64)), source, x, "value graph")
+    parts, dtype = _guarded(lambda: _in_dtype(dlgn.value, lambda: value(torch.float64), copies), source, x,
+                            "value graph")
     if dtype != torch.float64:
         parts = _guarded(lambda: value(_param_dtype(dlgn)), source, x, "value graph")
     i, err = _worst(parts)
