@@ -11,7 +11,7 @@ from torch import nn
 from .capture import Captured, capture, default_example_inputs
 from .context import unwrap_compiled
 from .dlgn import DLGN
-from .errors import ConversionError
+from .errors import ConversionError, Relu2DlgnError
 from .options import option, positive
 from .report import ConversionReport, InputSpec
 from .rewrite import build_gating, build_value
@@ -19,7 +19,7 @@ from .dependence import downstream
 from .sites import Classified, GateSite, Nonlinearity, find_sites
 from .types import MODES, POOLS, VALUE_INPUTS, Mode, Pool, ValueInput
 from .utils.modes import eval_mode
-from .verify import verify
+from .verify import verify as verify_conversion
 
 DEFAULT_BETA = 10.0
 
@@ -90,7 +90,17 @@ def convert(
         example_inputs = (example_inputs,)
     model = unwrap_compiled(model)
     _check_model(model)
+    try:
+        return _convert(model, mode, example_inputs, value_input, beta, pool, strict, leaf_modules, verify)
+    except Relu2DlgnError:
+        raise
+    except Exception as exc:  # every error convert raises is a Relu2DlgnError
+        raise ConversionError(f"converting {type(model).__name__} failed unexpectedly: {type(exc).__name__}: {exc}. "
+                              f"This is a relu2dlgn defect; please report it with the model") from exc
 
+
+def _convert(model: nn.Module, mode: Mode, example_inputs: Sequence[torch.Tensor] | None, value_input: ValueInput,
+             beta: float, pool: Pool, strict: bool, leaf_modules: Iterable[type | str], verify: bool) -> DLGN:
     cap = capture(model, example_inputs, leaf_modules)
     sites, nonlinear = find_sites(cap.graph, cap.modules)
     linear = mode == "dlgn"
@@ -150,7 +160,8 @@ def _verify(dlgn: DLGN, model: nn.Module, cap: Captured, sites: list[tuple[fx.No
         names = {n.node for n in nonlinear}
         after = downstream(cap.graph, cap.modules, {n for n in cap.graph.nodes if n.name in names})
         unchecked = {i for i, (_, c) in enumerate(sites) if c.input in after}
-    return verify(dlgn, model, examples, unchecked_sites=unchecked, check_value=not nonlinear, same_weights=True)
+    return verify_conversion(dlgn, model, examples, unchecked_sites=unchecked, check_value=not nonlinear,
+                             same_weights=True)
 
 
 def _check_model(model: nn.Module) -> None:

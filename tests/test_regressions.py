@@ -58,6 +58,7 @@ def test_augmented_assignment_on_an_alias_stays_in_place():
     records operator.iadd."""
     plan = Plan(in_chans=1, size=6, steps=[("conv", 2, 1, 1), ("conv", 2, 1, 1), ("stash",), ("iadd", 0), ("add", 0),
                                           ("gate", "relu", "functional"), ("head", 2)], planted=1)
+    torch.manual_seed(0)  # weights from the global generator: with some, the ReLU is off everywhere and 3x == 4x
     model = GenNet(plan).eval()
     x = torch.randn(2, 1, 6, 6)
     with torch.no_grad():
