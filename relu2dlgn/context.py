@@ -13,7 +13,9 @@ conversion refuses it.
   mode and :func:`keep_grad_regions` brackets every run of nodes traced with grad disabled by
   :func:`grad_off` / :func:`grad_restore`, which restore the caller's mode at the end of the region (an
   exception inside a region leaves grad disabled, as an exception inside ``torch.no_grad()`` does not:
-  regions are expected to run to completion).
+  regions are expected to run to completion). ``torch.inference_mode()`` regions become no-grad regions;
+  ``torch.enable_grad()`` regions are not recorded (the model is traced with grad enabled), and neither are
+  ``torch.autocast`` regions (see :mod:`relu2dlgn.tracer`).
 """
 from __future__ import annotations
 
