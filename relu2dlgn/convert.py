@@ -160,8 +160,7 @@ def _verify(dlgn: DLGN, model: nn.Module, cap: Captured, sites: list[tuple[fx.No
         names = {n.node for n in nonlinear}
         after = downstream(cap.graph, cap.modules, {n for n in cap.graph.nodes if n.name in names})
         unchecked = {i for i, (_, c) in enumerate(sites) if c.input in after}
-    return verify_conversion(dlgn, model, examples, unchecked_sites=unchecked, check_value=not nonlinear,
-                             same_weights=True)
+    return verify_conversion(dlgn, model, examples, unchecked_sites=unchecked, check_value=not nonlinear)
 
 
 def _check_model(model: nn.Module) -> None:

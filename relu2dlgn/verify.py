@@ -17,24 +17,24 @@ nonlinearity kept with ``strict=False`` are not checked, nor is the value graph 
 **DGN**: the value graph fed the input and the DGN's own hard gates reproduces the source model on a random
 input (relative error ``<= 1e-5`` of the output's size; 1e-2 for half-precision models).
 
-Inputs: batch 1 and at most 16 positions per spatial dimension when the converted graphs accept that (cheap),
-else the example input's shape. The three points are evaluated as one batch of three, falling back to three
-calls when a graph mixes samples or does not take the batch. The graphs are cast to float64 in place for the
-check (each parameter's data is swapped for a float64 copy and back: ties are kept, nothing is cast back, and
-a weight the gating and the value graph share by name is cast once); a graph that cannot run in float64 (a
-constant of another dtype) is checked in its own dtype with ``tol`` 1e-3 (5e-2 in half precision). A check
+Inputs: batch 1 and at most 16, else 32 positions per spatial dimension when the converted graphs accept that
+(cheap; run on one intra-op thread), else the example input's shape. The three points are evaluated as one batch of three, falling back to three
+calls when a graph mixes samples or does not take the batch. The graphs run in float64 under a torch function
+mode that casts each op's floating-point arguments (the model is not modified, and each weight's float64
+copy lives only as long as its op); a graph with an op that has no float64 kernel is checked in its own dtype
+with ``tol`` 1e-3 (5e-2 in half precision). A check
 that no input shape lets run (the source itself fails on it) is skipped with a warning: pass
 ``example_inputs``.
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .errors import ConversionError, SpecialisationError
@@ -46,7 +46,7 @@ A = 0.3
 TOL = {torch.float64: 1e-7, torch.float32: 1e-3}
 HALF_TOL = 5e-2
 DGN_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2}  # else 1e-5
-SMALL = 16
+SMALL = (16, 32)  # spatial sizes tried before the example's (densenet121 needs 32: five halvings)
 
 
 class _Inapplicable(Exception):
@@ -57,21 +57,27 @@ class _Inapplicable(Exception):
 # inputs
 # --------------------------------------------------------------------------------------------------
 
-def _small(e: Any) -> Any:
+def _small(e: Any, size: int) -> Any:
     if not isinstance(e, torch.Tensor) or e.dim() == 0:
         return e
     shape = list(e.shape)
     shape[0] = 1
     if e.is_floating_point() and e.dim() >= 3:
-        shape[2:] = [min(s, SMALL) for s in shape[2:]]
+        shape[2:] = [min(s, size) for s in shape[2:]]
     return torch.empty(shape, dtype=e.dtype, device=e.device) if e.is_floating_point() else e[:1]
 
 
 def candidate_shapes(examples: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Example-like inputs to check on, cheapest first: batch 1 and small spatial size, then the example."""
-    small = tuple(_small(e) for e in examples)
-    same = all(not isinstance(a, torch.Tensor) or a.shape == b.shape for a, b in zip(small, examples))
-    return [tuple(examples)] if same else [small, tuple(examples)]
+    """Example-like inputs to check on, cheapest first: batch 1 and small spatial sizes, then the example."""
+    out: list[tuple[Any, ...]] = []
+    for candidate in [tuple(_small(e, size) for e in examples) for size in SMALL] + [tuple(examples)]:
+        if not any(_same_shapes(candidate, c) for c in out):
+            out.append(candidate)
+    return out
+
+
+def _same_shapes(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return all(not isinstance(x, torch.Tensor) or x.shape == y.shape for x, y in zip(a, b))
 
 
 def _random_like(examples: Sequence[Any], gen: torch.Generator) -> tuple[Any, ...]:
@@ -89,26 +95,28 @@ def _mix(x1: Sequence[Any], x2: Sequence[Any]) -> tuple[Any, ...]:
 # running
 # --------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _cast(module: nn.Module, dtype: torch.dtype, copies: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Swap every floating-point parameter's and buffer's data for a ``dtype`` copy; swap back on exit.
+_CONVERSIONS = {torch.Tensor.to, torch.Tensor.type, torch.Tensor.type_as, torch.Tensor.float, torch.Tensor.half,
+                torch.Tensor.bfloat16, torch.Tensor.double}
 
-    ``copies`` (name -> copy) is shared between the gating and the value graph: at conversion both hold copies of
-    the source's weights under the source's names, so each weight is cast once."""
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
-            if not t.is_floating_point() or t.dtype == dtype:
-                continue
-            copy = copies.get(name)
-            if copy is None or copy.shape != t.shape:
-                copy = copies[name] = t.data.to(dtype)
-            saved.append((t, t.data))
-            t.data = copy
-        yield
-    finally:
-        for t, data in saved:
-            t.data = data
+
+class _Float64(TorchFunctionMode):
+    """Compute every torch function in float64: floating-point arguments (inputs, weights, buffers, constants)
+    are cast per call, so the model is not touched and each weight's float64 copy lives only as long as its op;
+    a conversion to another floating dtype inside the graph (``q.float()``) keeps float64."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        args, kwargs = pytree.tree_map(_up, (args, kwargs or {}))
+        out = func(*args, **kwargs)
+        if func in _CONVERSIONS and isinstance(out, torch.Tensor) and out.is_floating_point() and \
+                isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            return args[0].to(out.device)
+        return out
+
+
+def _up(a: Any) -> Any:
+    if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64:
+        return a.to(torch.float64)
+    return a
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
@@ -164,27 +172,40 @@ def _worst(parts: list[list[torch.Tensor]]) -> tuple[int, float]:
 # --------------------------------------------------------------------------------------------------
 
 def verify(dlgn: nn.Module, source: nn.Module, examples: Sequence[Any] | None, *, unchecked_sites: set[int],
-           check_value: bool, same_weights: bool = False) -> str:
+           check_value: bool) -> str:
     """Run the check for ``dlgn`` (a :class:`~relu2dlgn.DLGN` converted from ``source``) and return what was
-    checked, for the conversion report. Raises :class:`ConversionError` naming the first failure.
-
-    ``same_weights``: the gating and the value graph hold equal weights under equal names (true right after
-    conversion), so each is cast to float64 once."""
+    checked, for the conversion report. Raises :class:`ConversionError` naming the first failure."""
     if not examples:
         log.warning("conversion not verified: no example input is known; pass example_inputs to convert")
         return "not verified: no example input (pass example_inputs)"
     gen = torch.Generator().manual_seed(0)
-    for shape in candidate_shapes(examples):
+    candidates = candidate_shapes(examples)
+    for shape in candidates:
         x1, x2 = _random_like(shape, gen), _random_like(shape, gen)
+        small = shape is not candidates[-1]
         try:
-            with eval_mode(dlgn, source), torch.no_grad():
+            with eval_mode(dlgn, source), torch.no_grad(), _one_thread(small):
                 if dlgn.mode == "dgn":
                     return _check_dgn(dlgn, source, x1)
-                return _check_dlgn(dlgn, source, x1, x2, unchecked_sites, check_value, same_weights)
+                return _check_dlgn(dlgn, source, x1, x2, unchecked_sites, check_value)
         except _Inapplicable as why:
             log.info("verification input %s not applicable (%s)", _describe(shape), why)
     log.warning("conversion not verified: neither a small input nor the example's shape runs through the model")
     return "not verified: no input shape runs through the source model (pass example_inputs)"
+
+
+@contextlib.contextmanager
+def _one_thread(on: bool) -> Iterator[None]:
+    """Run tiny inputs on one intra-op thread: their parallel regions cost more than they compute (tens of ms
+    per op on a busy 2-core machine, against ~0.1 ms)."""
+    threads = torch.get_num_threads()
+    if on and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _describe(xs: Sequence[Any]) -> str:
@@ -238,12 +259,10 @@ def _check_dgn(dlgn: nn.Module, source: nn.Module, x: tuple[Any, ...]) -> str:
     return f"DGN reproduces the source (eval mode, input {_describe(x)})"
 
 
-def _in_dtype(module: nn.Module, f: Callable[[torch.dtype], Any], copies: dict[str, torch.Tensor]
-              ) -> tuple[Any, torch.dtype]:
-    """``f(float64)`` with ``module`` cast to float64, or ``f(its own dtype)`` if it cannot run in float64 (a
-    tensor constant of another dtype)."""
+def _in_dtype(module: nn.Module, f: Callable[[torch.dtype], Any]) -> tuple[Any, torch.dtype]:
+    """``f(float64)`` computed in float64, or ``f(the module's dtype)`` if an op has no float64 kernel."""
     try:
-        with _cast(module, torch.float64, copies):
+        with _Float64():
             return f(torch.float64), torch.float64
     except RuntimeError as exc:
         dtype = _param_dtype(module)
@@ -252,15 +271,14 @@ def _in_dtype(module: nn.Module, f: Callable[[torch.dtype], Any], copies: dict[s
 
 
 def _check_dlgn(dlgn: nn.Module, source: nn.Module, x1: tuple[Any, ...], x2: tuple[Any, ...],
-                unchecked: set[int], check_value: bool, same_weights: bool) -> str:
+                unchecked: set[int], check_value: bool) -> str:
     xm = _mix(x1, x2)
     sites = dlgn.sites
-    copies: dict[str, torch.Tensor] = {}
 
     def gating(dtype: torch.dtype) -> list[list[torch.Tensor]]:
         return _three(lambda *x: tuple(dlgn.gating(*x)), [_to(p, dtype) for p in (x1, x2, xm)])
 
-    parts, dtype = _guarded(lambda: _in_dtype(dlgn.gating, gating, copies), source, _to(x1, _param_dtype(source)),
+    parts, dtype = _guarded(lambda: _in_dtype(dlgn.gating, gating), source, _to(x1, _param_dtype(source)),
                             "gating graph")
     tol = TOL.get(dtype, HALF_TOL)
     worst = 0.0
@@ -279,7 +297,7 @@ def _check_dlgn(dlgn: nn.Module, source: nn.Module, x1: tuple[Any, ...], x2: tup
             f"{str(dtype).replace('torch.', '')}, eval mode, input {_describe(x1)})")
     if not check_value:
         return text + "; value graph not checked (it keeps non-gate nonlinearities)"
-    return text + "; " + _check_value(dlgn, source, parts[0], x1, copies if same_weights else {})
+    return text + "; " + _check_value(dlgn, source, parts[0], x1)
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype:
@@ -289,8 +307,7 @@ def _param_dtype(module: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _check_value(dlgn: nn.Module, source: nn.Module, q1: list[torch.Tensor], x1: tuple[Any, ...],
-                 copies: dict[str, torch.Tensor]) -> str:
+def _check_value(dlgn: nn.Module, source: nn.Module, q1: list[torch.Tensor], x1: tuple[Any, ...]) -> str:
     gen = torch.Generator().manual_seed(1)
     v1, v2 = _random_like(x1, gen), _random_like(x1, gen)
 
@@ -301,7 +318,7 @@ def _check_value(dlgn: nn.Module, source: nn.Module, q1: list[torch.Tensor], x1:
         points = [_to(p, dtype) for p in (v1, v2, _mix(v1, v2))]
         return _three(lambda *v: dlgn.value(*v, *gates), points, lambda *v: dlgn.value(*v, *gates3))
 
-    parts, dtype = _guarded(lambda: _in_dtype(dlgn.value, value, copies), source, _to(x1, _param_dtype(source)),
+    parts, dtype = _guarded(lambda: _in_dtype(dlgn.value, value), source, _to(x1, _param_dtype(source)),
                             "value graph")
     i, err = _worst(parts)
     tol = TOL.get(dtype, HALF_TOL)
