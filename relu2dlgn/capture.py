@@ -104,7 +104,8 @@ def _capture(root: nn.Module, examples: tuple | None, leaf_modules: tuple, fixed
             cap = _capture_once(root, examples, leaf_modules + tuple(opaque), fixed)
         except _OpaqueRetry as retry:
             if retry.path in opaque:  # pragma: no cover - an opaque leaf cannot fail inside itself
-                raise retry.cause
+                raise ConversionError(f"cannot trace module '{retry.path}' even as an opaque leaf: "
+                                      f"{type(retry.cause).__name__}: {retry.cause}") from retry.cause
             cause = f"{type(retry.cause).__name__}: {str(retry.cause).splitlines()[0][:200]}"
             log.warning("timm module '%s' cannot be traced into (%s); keeping it opaque as timm does", retry.path,
                         cause)

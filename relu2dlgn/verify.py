@@ -18,13 +18,19 @@ nonlinearity kept with ``strict=False`` are not checked, nor is the value graph 
 input (relative error ``<= 1e-5`` of the output's size; 1e-2 for half-precision models).
 
 Inputs: batch 1 and at most 16, else 32 positions per spatial dimension when the converted graphs accept that
-(cheap; run on one intra-op thread), else the example input's shape. The three points are evaluated as one batch of three, falling back to three
-calls when a graph mixes samples or does not take the batch. The graphs run in float64 under a torch function
-mode that casts each op's floating-point arguments (the model is not modified, and each weight's float64
-copy lives only as long as its op); a graph with an op that has no float64 kernel is checked in its own dtype
-with ``tol`` 1e-3 (5e-2 in half precision). A check
-that no input shape lets run (the source itself fails on it) is skipped with a warning: pass
-``example_inputs``.
+(cheap; run on one intra-op thread), else the example input's shape. The three points are evaluated as one
+batch of three, falling back to three calls when a graph mixes samples (the batched test fails) or does not
+take the batch (a batch-wide term common to the three samples would cancel in the batched test: the
+allow-list, not this check, is what excludes such ops). The graphs run in float64 under a torch function mode
+that casts each op's floating-point arguments (the model is not modified, and each weight's float64 copy lives
+only as long as its op); a graph with an op that has no float64 kernel is checked in its own dtype with
+``tol`` 1e-3 (5e-2 in half precision). A check that no input shape lets run (the source itself fails on it)
+is skipped with a warning: pass ``example_inputs``.
+
+Failures: a converted graph that raises on an input the source model accepts is a :class:`ConversionError`
+(a defect of the conversion, named as such); one specialised to another input shape
+(:class:`SpecialisationError`) moves on to the next shape. The random inputs come from a private generator
+(seed 0): the caller's random state is not consumed.
 """
 from __future__ import annotations
 
