@@ -2,13 +2,14 @@
 
 Highest priority first:
 
-1. ``leaf_modules`` given by the user (types or module paths) are opaque leaves;
+1. ``leaf_modules`` given by the user (types or module paths) and TorchScript modules are opaque leaves;
 2. timm's norm+activation modules (``BatchNormAct2d`` family) are *split*: the norm stays one module call
    (so ``train()``/``eval()`` keep working) and its ``drop``/``act`` children are traced as separate calls,
    which exposes the activation as a gate site (:func:`split_norm_act`);
 3. modules whose forward branches on ``self.training`` (DropPath, DropBlock, StochasticDepth) are leaves,
    and so are timm's registered "no-trace" modules unless they contain activation modules (timm's VGG
-   ``ConvMlp``): those are traced into, so their activations become gates;
+   ``ConvMlp``) or are a gate module with its own ``forward`` (timm's ``MaxPool2dSame``): those are traced
+   into, so their activations become gates (one that cannot be traced stays opaque, :mod:`relu2dlgn.capture`);
 4. otherwise torch.fx's rule: ``torch.nn`` modules are leaves, everything else is traced through.
 """
 from __future__ import annotations
@@ -18,7 +19,18 @@ from typing import Callable
 
 from torch import nn
 
-from .sites import is_activation_module, nonlinear_module_name
+from .sites import is_activation_module, overrides_gate
+
+# torch.nn modules that make a module worth tracing into (rule 3): their calls become gates or are named as
+# nonlinearities instead of disappearing inside an opaque leaf
+_NONLINEAR_MODULES: tuple[type, ...] = (
+    nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Softmin, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold, nn.GLU, nn.RReLU,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.LocalResponseNorm, nn.LayerNorm, nn.GroupNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.MultiheadAttention,
+)
 
 
 def timm_notrace() -> tuple[set[type], set[Callable]]:
@@ -89,5 +101,7 @@ def split_norm_act(m: nn.Module) -> tuple[nn.Module, list[str]] | None:
 
 
 def contains_activation(m: nn.Module) -> bool:
-    """True if a submodule of ``m`` is a gate activation or a known non-gate nonlinearity."""
-    return any(is_activation_module(sub) or nonlinear_module_name(sub) for sub in m.modules() if sub is not m)
+    """True if a submodule of ``m`` is a gate activation or a known non-gate nonlinearity, or ``m`` is a gate
+    module whose ``forward`` is overridden (timm's ``MaxPool2dSame`` pads, then max-pools)."""
+    return overrides_gate(m) or any(is_activation_module(sub) or isinstance(sub, _NONLINEAR_MODULES)
+                                    for sub in m.modules() if sub is not m)

@@ -36,6 +36,9 @@ class ConversionReport:
     specialised: list[str] = field(default_factory=list)
     pool_standins: list[str] = field(default_factory=list)
     train_differs: str | None = None
+    # added in 0.2: class-level defaults, so that reports unpickled from older saves have them
+    fixed_arguments: tuple[str, ...] = ()
+    verified: str | None = None
 
     def kind_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -48,7 +51,8 @@ class ConversionReport:
                 "source": self.source, "num_sites": len(self.sites), "kinds": self.kind_counts(),
                 "nonlinear_kept": [str(n) for n in self.nonlinear_kept],
                 "hidden": [f"{p}: {r}" for p, r in self.hidden], "specialised": self.specialised,
-                "pool_standins": self.pool_standins, "train_differs": self.train_differs}
+                "pool_standins": self.pool_standins, "train_differs": self.train_differs,
+                "fixed_arguments": list(self.fixed_arguments), "verified": self.verified}
 
     def __str__(self) -> str:
         lines = [f"relu2dlgn conversion of {self.source}: mode={self.mode} value_input={self.value_input} "
@@ -58,10 +62,13 @@ class ConversionReport:
         if self.train_differs:
             lines.append(f"note: the source's forward differs between train() and eval() from module "
                          f"'{self.train_differs}' on; the converted graphs follow eval() in both modes")
+        if self.verified:
+            lines.append(f"verified: {self.verified}")
         for title, items in (("kept nonlinearities (not gates)", [str(n) for n in self.nonlinear_kept]),
                              ("opaque leaf modules hiding activations", [f"{p}: {r}" for p, r in self.hidden]),
                              ("max-pools replaced by average pooling in both graphs", self.pool_standins),
-                             ("shape specialisations (checked at call time)", self.specialised)):
+                             ("shape specialisations (checked at call time)", self.specialised),
+                             ("forward arguments fixed at their default", list(self.fixed_arguments))):
             if items:
                 lines.append(f"{title}:")
                 lines += [f"  - {i}" for i in items]

@@ -2,8 +2,9 @@
 
 * **gating graph** ``(*inputs) -> (q_0, ..., q_{n-1})``: the pre-activation of every gate site.  In DGN mode
   the source network's nonlinearities are kept; in DLGN mode every gate site's activation is removed (the
-  site becomes the identity) and max-pooling is replaced by its linear stand-in (average pooling of the
-  same geometry), so each ``q_i`` is an affine function of the input in eval mode.  The part of the graph
+  site becomes the identity: its input itself for an in-place activation, a copy of it for an out-of-place
+  one that a later in-place op writes into) and max-pooling is replaced by its linear stand-in (average
+  pooling of the same geometry), so each ``q_i`` is an affine function of the input in eval mode.  The part of the graph
   after the last site is dead and removed.
 * **value graph** ``(*value_inputs, gate_0, ..., gate_{n-1}) -> output``: the source graph with each site
   replaced by the application of its gate to the value (see :mod:`relu2dlgn.gates`); in-place sites stay
@@ -19,71 +20,11 @@ import copy
 import operator
 from typing import Any
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
 from . import gates as G
-from .sites import Classified, is_inplace
-
-_FRESH_MODULES: tuple[type, ...] = (
-    nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-    nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.Upsample, nn.Embedding, nn.Softmax, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU,
-)
-_FRESH_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg,
-    operator.matmul, torch.add, torch.sub, torch.mul, torch.div, torch.cat, torch.stack, torch.matmul,
-    torch.mean, torch.sum, torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d, F.linear,
-    F.batch_norm, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.interpolate, F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.sigmoid,
-    torch.tanh, F.softmax, F.gelu, G.gate_relu, G.gate_leaky_relu, G.gate_prelu, G.gate_hardtanh,
-    G.gate_maxpool, G.avg_pool_standin,
-}
-_FRESH_METHODS = {"add", "sub", "mul", "div", "mean", "sum", "clone", "matmul", "sigmoid", "tanh", "softmax",
-                  "exp", "neg", "abs", "pow"}
-
-
-def _first_node(node: fx.Node) -> fx.Node | None:
-    for a in node.args:
-        if isinstance(a, fx.Node):
-            return a
-    for a in node.kwargs.values():
-        if isinstance(a, fx.Node):
-            return a
-    return None
-
-
-def _is_fresh(node: fx.Node, modules: dict[str, Any]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), _FRESH_MODULES)
-    if node.op == "call_function":
-        return node.target in _FRESH_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _FRESH_METHODS
-    return True
-
-
-def alias_analysis(graph: fx.Graph, modules: dict[str, Any]) -> tuple[dict[fx.Node, int], list[tuple[fx.Node, int]]]:
-    """Conservative storage groups: a node shares its first input's group unless it is known to return a
-    fresh tensor. Returns the groups and the in-place mutations (node, group) in graph order."""
-    group: dict[fx.Node, int] = {}
-    mutations: list[tuple[fx.Node, int]] = []
-    fresh = 0
-    for node in graph.nodes:
-        first = _first_node(node)
-        if node.op in ("call_module", "call_function", "call_method") and is_inplace(node, modules) and first:
-            group[node] = group[first]
-            mutations.append((node, group[first]))
-        elif first is None or _is_fresh(node, modules):
-            fresh += 1
-            group[node] = -fresh
-        else:
-            group[node] = group[first]
-    return group, mutations
-
+from .aliases import alias_analysis, is_fresh
+from .sites import Classified
 
 def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, dict[fx.Node, fx.Node]]:
     new = fx.Graph()
@@ -128,6 +69,7 @@ def _remap(c: Classified, val_map: dict[fx.Node, fx.Node]) -> Classified:
 def build_gating(graph: fx.Graph, modules: dict[str, Any], sites: list[tuple[fx.Node, Classified]],
                  standins: list[tuple[fx.Node, Classified]], linear: bool) -> fx.GraphModule:
     g, val_map = _copy_graph(graph)
+    clones: list[fx.Node] = []
     captures: list[fx.Node] = []
     for node, c in sites:
         n, c = val_map[node], _remap(c, val_map)
@@ -136,25 +78,35 @@ def build_gating(graph: fx.Graph, modules: dict[str, Any], sites: list[tuple[fx.
         cap.meta = {"module_path": n.meta.get("module_path", ""), "capture": True}
         captures.append(cap)
         if linear:
-            _replace(g, val_map, node, _standin(g, n, c) if c.kind == "maxpool" else c.input)
+            if c.kind == "maxpool":
+                repl = _standin(g, n, c)
+            elif c.inplace:     # an in-place activation returns its input: without it, the input itself
+                repl = c.input
+            else:               # an out-of-place one returns a new tensor: ops on it must not reach its input
+                with g.inserting_before(n):
+                    repl = g.call_method("clone", (c.input,))
+                repl.meta = dict(n.meta)
+                clones.append(repl)
+            _replace(g, val_map, node, repl)
     _replace_standins(g, val_map, standins)
     output = next(n for n in reversed(g.nodes) if n.op == "output")
     output.args = (tuple(captures),)
     protect_inputs(g, modules)
 
-    drop_needless_clones(g, captures, modules)
+    drop_needless_clones(g, captures + clones, modules)
     prune(g, modules)
     return _graph_module(g, modules, "Gating")
 
 
 def drop_needless_clones(g: fx.Graph, clones: list[fx.Node], modules: dict[str, Any]) -> None:
-    """Replace each ``x.clone()`` in ``clones`` (a pre-activation captured at its site) by ``x`` unless a later
-    in-place op could overwrite ``x``."""
+    """Replace each ``x.clone()`` in ``clones`` by ``x`` unless an in-place op after the clone could write into
+    ``x`` or into the clone (either would then be seen through the other): a pre-activation captured at its
+    site, or the new tensor an out-of-place activation returned before the DLGN removed it."""
     group, mutations = alias_analysis(g, modules)
     order = {n: i for i, n in enumerate(g.nodes)}
     for clone in clones:
         src = clone.args[0]
-        if not any(order[m] > order[clone] and grp == group[src] for m, grp in mutations):
+        if not any(order[m] > order[clone] and grp in (group[src], group[clone]) for m, grp in mutations):
             clone.replace_all_uses_with(src)
             g.erase_node(clone)
 
@@ -173,7 +125,8 @@ def protect_inputs(g: fx.Graph, modules: dict[str, Any]) -> None:
 
 
 def prune(g: fx.Graph, modules: dict[str, Any]) -> None:
-    """Remove what the outputs do not need, keeping in-place ops on needed tensors and guards/asserts."""
+    """Remove what the outputs do not need, keeping in-place ops on needed tensors, guards/asserts and
+    grad-mode switches."""
     group, mutations = alias_analysis(g, modules)
     nodes = list(g.nodes)
     needed: set[fx.Node] = set()
@@ -187,7 +140,7 @@ def prune(g: fx.Graph, modules: dict[str, Any]) -> None:
                 stack.extend(x.all_input_nodes)
 
     for n in nodes:
-        if n.op in ("output", "placeholder"):
+        if n.op in ("output", "placeholder") or n.meta.get("grad_mode"):  # grad-mode switches: context.py
             need(n)
     changed = True
     while changed:
@@ -198,7 +151,7 @@ def prune(g: fx.Graph, modules: dict[str, Any]) -> None:
                 need(m)
                 changed = True
         for n in nodes:
-            if n not in needed and not n.users and n.op != "output" and not _is_fresh(n, modules):
+            if n not in needed and not n.users and n.op != "output" and not is_fresh(n, modules):
                 cone = _scalar_cone(n, needed)
                 if cone is not None:
                     need(n)

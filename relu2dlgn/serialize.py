@@ -48,16 +48,38 @@ def sha256_of(path: str) -> str:
 
 
 def _skeleton(module: nn.Module) -> nn.Module:
-    """A deep copy whose parameters and persistent buffers are meta tensors (no data)."""
+    """A deep copy whose parameters and persistent buffers are meta tensors (no data); a tensor shared by
+    several modules (tied parameters) stays one shared meta tensor."""
     skel = copy.deepcopy(module)
+    meta: dict[int, torch.Tensor] = {}
     for m in skel.modules():
         for name, p in list(m._parameters.items()):
             if p is not None:
-                m._parameters[name] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+                if id(p) not in meta:
+                    meta[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+                m._parameters[name] = meta[id(p)]
         for name, b in list(m._buffers.items()):
             if b is not None and name not in m._non_persistent_buffers_set:
-                m._buffers[name] = b.to("meta")
+                meta[id(b)] = meta.get(id(b)) if id(b) in meta else b.to("meta")
+                m._buffers[name] = meta[id(b)]
     return skel
+
+
+def _shared(skel: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Groups of (module, attribute) that hold one shared parameter or buffer (tied weights)."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in skel.modules():
+        for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            slots.setdefault(id(t), []).append((m, name))
+    return [group for group in slots.values() if len(group) > 1]
+
+
+def _retie(groups: list[list[tuple[nn.Module, str]]]) -> None:
+    """Make each group share one tensor again (``load_state_dict(assign=True)`` gives every name its own)."""
+    for (m0, name0), *rest in groups:
+        shared = getattr(m0, name0)
+        for m, name in rest:
+            setattr(m, name, shared)
 
 
 def _is_save_dir(path: str) -> bool:
@@ -141,7 +163,9 @@ def read_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     _check_weights(skel, state, weights_path, graphs_path)
     if version >= CHECKSUMS_SINCE:  # after parsing, so that a truncated or mismatched file is named as such
         _verify_checksums(path, config, config_path)
+    shared = _shared(skel)
     skel.load_state_dict(state, strict=True, assign=True)
+    _retie(shared)
     skel.to(map_location)
     return skel, config
 

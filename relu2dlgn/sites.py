@@ -1,69 +1,31 @@
-"""Gate sites: which nodes of a traced graph are gates, which are other nonlinearities, which mutate in place.
+"""Gate sites: which nodes of a traced graph are gates, and which are other nonlinearities.
 
 A *gate site* is one call of a piecewise-linear activation or of max-pooling in the traced graph: a module
-called twice is two sites. Sites are numbered in graph (execution) order.
+called twice is two sites. Sites are numbered in graph (execution) order. Every other input-dependent node must
+be on the allow-list of :mod:`relu2dlgn.affine`; those that are not are the non-gate nonlinearities.
 """
 from __future__ import annotations
 
-import inspect
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .affine import non_affine
+from .dependence import input_dependence
+from .aliases import is_inplace  # noqa: F401  (re-exported: in-place detection lives with the alias analysis)
 from .errors import ConversionError
 from .gates import GateSpec, PoolGeometry
 
 # --------------------------------------------------------------------------------------------------
-# catalogue
+# gate catalogue (everything else is asked of the allow-list, relu2dlgn.affine)
 # --------------------------------------------------------------------------------------------------
 
 _GATE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Hardtanh)  # ReLU6 subclasses Hardtanh
 _MAXPOOL_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
-
-_NONLINEAR_MODULES: tuple[type, ...] = (
-    nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Softmin, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold, nn.GLU, nn.RReLU,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.FractionalMaxPool2d,
-    nn.FractionalMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.LocalResponseNorm, nn.LayerNorm, nn.GroupNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.MultiheadAttention,
-)
-
-_NONLINEAR_FUNCTIONS: set[Callable] = {
-    torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.softmax, F.softmax, F.log_softmax, torch.log_softmax,
-    F.softmin, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.elu, F.selu, F.celu, F.softplus,
-    F.softsign, F.logsigmoid, F.glu, F.rrelu, F.threshold, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
-    torch.abs, torch.clamp, torch.clip, torch.where, torch.erf, torch.sign, torch.max, torch.min, torch.amax,
-    torch.amin, torch.pow, torch.norm, F.normalize, F.layer_norm, F.group_norm, F.instance_norm,
-    F.local_response_norm, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    F.scaled_dot_product_attention, operator.abs, operator.pow,
-}
-
-_NONLINEAR_METHODS = {
-    "sigmoid", "sigmoid_", "tanh", "tanh_", "softmax", "log_softmax", "exp", "exp_", "log", "log_", "sqrt",
-    "sqrt_", "rsqrt", "rsqrt_", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_", "clamp_max",
-    "clamp_max_", "abs", "abs_", "max", "min", "amax", "amin", "pow", "pow_", "norm", "erf", "erf_",
-    "sign", "sign_", "reciprocal", "reciprocal_", "square", "square_", "sort", "topk", "argmax", "argmin",
-}
-
-# product-like ops: nonlinear when two of their operands depend on the input
-_BILINEAR_FUNCTIONS: set[Callable] = {operator.mul, operator.imul, operator.matmul, operator.imatmul,
-                                      torch.mul, torch.matmul, torch.bmm, torch.mm, torch.einsum}
-_BILINEAR_METHODS = {"mul", "mul_", "matmul", "bmm", "mm"}
-_DIVISION = {operator.truediv, operator.itruediv, operator.floordiv, torch.div, torch.true_divide}
-_DIVISION_METHODS = {"div", "div_", "true_divide", "true_divide_"}
-
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul}
-
-_SHAPE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
-_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
 
 
 def is_activation_module(m: nn.Module) -> bool:
@@ -71,8 +33,17 @@ def is_activation_module(m: nn.Module) -> bool:
     return isinstance(m, _GATE_MODULES)
 
 
-def nonlinear_module_name(m: nn.Module) -> str | None:
-    return type(m).__name__ if isinstance(m, _NONLINEAR_MODULES) else None
+def _own_forward(m: nn.Module, cls: type) -> bool:
+    """``m`` is a ``cls`` that computes what ``cls`` computes (a subclass overriding ``forward`` -- timm's
+    ``MaxPool2dSame`` pads first -- is not the gate its base class is)."""
+    return isinstance(m, cls) and type(m).forward is cls.forward
+
+
+def overrides_gate(m: nn.Module) -> bool:
+    """``m`` subclasses a gate module but overrides its ``forward``: not a gate itself, but worth tracing into
+    (the gate call is likely inside)."""
+    gates = (*_GATE_MODULES, *_MAXPOOL_MODULES)
+    return isinstance(m, gates) and not any(_own_forward(m, cls) for cls in gates)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,19 +90,6 @@ class Classified:
     weight: Any = None  # prelu: fx.Node (get_attr or computed) or a module-path string for call_module
 
 
-def _bind(fn: Callable, node: fx.Node) -> dict[str, Any]:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return {}
-    try:
-        bound = sig.bind(*node.args, **node.kwargs)
-    except TypeError:
-        return {}
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
 def _pool_params(ndim: int, kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any,
                  where: str) -> dict[str, Any]:
     values = (kernel_size, stride, padding, dilation, ceil_mode)
@@ -166,6 +124,8 @@ def classify_gate(node: fx.Node, modules: dict[str, Any]) -> Classified | None:
         if not node.args:
             return None
         x = node.args[0]
+        if not any(_own_forward(m, cls) for cls in (*_GATE_MODULES, *_MAXPOOL_MODULES)):
+            return None
         if isinstance(m, nn.PReLU):
             return Classified("prelu", "nn.PReLU", False, x, {"num_parameters": m.num_parameters},
                               weight=f"{node.target}.weight")
@@ -226,81 +186,6 @@ def classify_gate(node: fx.Node, modules: dict[str, Any]) -> Classified | None:
     return None
 
 
-def is_inplace(node: fx.Node, modules: dict[str, Any]) -> bool:
-    """True if the node mutates its first argument (and returns it)."""
-    if node.op == "call_method":
-        t = node.target
-        return t.endswith("_") and not t.startswith("_") and t not in ("requires_grad_", "share_memory_")
-    if node.op == "call_function":
-        fn = node.target
-        if fn in _INPLACE_OPERATORS:
-            return True
-        name = getattr(fn, "__name__", "")
-        if name.endswith("_") and not name.startswith("_"):
-            return True
-        if node.kwargs.get("inplace") is True:
-            return True
-        if callable(fn) and getattr(fn, "__module__", "") == "torch.nn.functional":
-            return bool(_bind(fn, node).get("inplace", False))
-        return False
-    if node.op == "call_module":
-        return getattr(modules.get(node.target), "inplace", False) is True
-    return False
-
-
-def _depends_on_input(graph: fx.Graph) -> dict[fx.Node, bool]:
-    """Which nodes carry tensor data derived from the graph's inputs (shape queries do not)."""
-    dep: dict[fx.Node, bool] = {}
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            dep[node] = True
-        elif node.op == "call_method" and node.target in _SHAPE_METHODS:
-            dep[node] = False
-        elif node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS:
-            dep[node] = False
-        else:
-            dep[node] = any(dep.get(n, False) for n in node.all_input_nodes)
-    return dep
-
-
-def nonlinear_reason(node: fx.Node, modules: dict[str, Any], dep: dict[fx.Node, bool]) -> str | None:
-    """Why this node is a nonlinearity that is not a gate, or ``None`` if it is linear (or not input-dependent)."""
-    if not dep.get(node, False):
-        return None
-    inputs = [n for n in node.all_input_nodes if dep.get(n, False)]
-    if node.op == "call_module":
-        m = modules[node.target]
-        name = nonlinear_module_name(m)
-        if name is not None:
-            return f"nn.{name}"
-        return None
-    if node.op == "call_function":
-        fn = node.target
-        if fn in _NONLINEAR_FUNCTIONS:
-            return _fn_name(fn)
-        if fn in _BILINEAR_FUNCTIONS and len(inputs) >= 2:
-            return f"{_fn_name(fn)} of two input-dependent tensors"
-        if fn in _DIVISION and len(node.args) > 1 and isinstance(node.args[1], fx.Node) and dep.get(node.args[1]):
-            return f"{_fn_name(fn)} by an input-dependent tensor"
-        return None
-    if node.op == "call_method":
-        t = node.target
-        if t in _NONLINEAR_METHODS:
-            return f"Tensor.{t}"
-        if t in _BILINEAR_METHODS and len(inputs) >= 2:
-            return f"Tensor.{t} of two input-dependent tensors"
-        if t in _DIVISION_METHODS and len(node.args) > 1 and isinstance(node.args[1], fx.Node) and dep.get(node.args[1]):
-            return f"Tensor.{t} by an input-dependent tensor"
-    return None
-
-
-def _fn_name(fn: Callable) -> str:
-    mod = getattr(fn, "__module__", None) or ""
-    prefix = {"torch.nn.functional": "F.", "torch": "torch.", "_operator": "operator.",
-              "operator": "operator."}.get(mod, "")
-    return prefix + getattr(fn, "__name__", repr(fn))
-
-
 @dataclass
 class Nonlinearity:
     """A nonlinear op that is not a gate, with where it is."""
@@ -314,8 +199,9 @@ class Nonlinearity:
 
 
 def find_sites(graph: fx.Graph, modules: dict[str, Any]) -> tuple[list[tuple[fx.Node, Classified]], list[Nonlinearity]]:
-    """All gate sites (in graph order) and all non-gate nonlinearities of a traced graph."""
-    dep = _depends_on_input(graph)
+    """All gate sites (in graph order) and all non-gate nonlinearities of a traced graph: every input-dependent
+    node that is neither a gate site nor on the allow-list of :mod:`relu2dlgn.affine`."""
+    dep = input_dependence(graph, modules)
     sites: list[tuple[fx.Node, Classified]] = []
     nonlinear: list[Nonlinearity] = []
     for node in graph.nodes:
@@ -323,7 +209,7 @@ def find_sites(graph: fx.Graph, modules: dict[str, Any]) -> tuple[list[tuple[fx.
         if c is not None:
             sites.append((node, c))
             continue
-        reason = nonlinear_reason(node, modules, dep)
+        reason = non_affine(node, modules, dep)
         if reason is not None:
             nonlinear.append(Nonlinearity(node.name, node.meta.get("module_path", ""), reason))
     return sites, nonlinear

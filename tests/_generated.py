@@ -1,4 +1,5 @@
-"""A hypothesis strategy for random but valid conv nets that mix every gate form the converter supports.
+"""A hypothesis strategy for random but valid conv nets that mix every gate form the converter supports (and,
+with ``plans(ops=True)``, operations from the broad list of _ops.py inserted between them).
 
 A model is a *plan*: a list of steps interpreted by :class:`GenNet.forward` (so torch.fx traces through the
 Python loop over it). Steps carry their own modules in ``self.mods`` (an ``nn.ModuleList``); ``planted`` is the
@@ -12,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
+
+from _ops import OPS
 
 RELU_FORMS = ["module", "module_inplace", "functional", "functional_inplace", "torch", "torch_", "method",
               "method_", "method_unused_", "shared"]
@@ -78,6 +81,9 @@ class GenNet(nn.Module):
             elif kind == "head":
                 self.mods.append(nn.Linear(c, step[1]))
                 idx = len(self.mods) - 1
+            elif kind == "op" and OPS[step[1]].make is not None:
+                self.mods.append(OPS[step[1]].make(c))
+                idx = len(self.mods) - 1
             self.index.append(idx)
 
     def forward(self, x):
@@ -104,6 +110,8 @@ class GenNet(nn.Module):
                     x = layer(x)
             elif kind == "scale":
                 x = x * step[1] + step[2]
+            elif kind == "op":
+                x = OPS[step[1]].apply(self.mods[idx] if idx is not None else None, x)
             elif kind == "head":
                 feats = x.mean((2, 3))
                 x = self.mods[idx](torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
@@ -153,8 +161,9 @@ def _apply_gate(net: GenNet, step: tuple, idx: int, x: torch.Tensor) -> torch.Te
 
 
 @st.composite
-def plans(draw, max_steps: int = 14) -> Plan:
-    """Random valid plans: conv/bn/gates/pools/residual adds (also in place)/concat/loops/tuple outputs."""
+def plans(draw, max_steps: int = 14, ops: bool = False) -> Plan:
+    """Random valid plans: conv/bn/gates/pools/residual adds (also in place)/concat/loops/tuple outputs; with
+    ``ops``, also operations of _ops.OPS (at least one)."""
     in_chans = draw(st.integers(1, 3))
     size = draw(st.integers(6, 14))
     plan = Plan(in_chans, size)
@@ -163,7 +172,7 @@ def plans(draw, max_steps: int = 14) -> Plan:
     n = draw(st.integers(2, max_steps))
     for _ in range(n):
         kind = draw(st.sampled_from(["conv", "conv", "bn", "gate", "gate", "gate", "stash", "merge", "loop",
-                                     "avgpool", "scale"]))
+                                     "avgpool", "scale"] + ["op"] * (3 if ops else 0)))
         if kind == "conv":
             cout = draw(st.integers(2, 6))
             k = draw(st.sampled_from([1, 3]))
@@ -227,6 +236,10 @@ def plans(draw, max_steps: int = 14) -> Plan:
                 h = (h + 1) // 2
         elif kind == "scale":
             plan.steps.append(("scale", draw(st.sampled_from([0.5, 2.0, -1.0])), draw(st.sampled_from([0.0, 0.3]))))
+        elif kind == "op":
+            plan.steps.append(("op", draw(st.sampled_from(sorted(OPS)))))
+    if ops and not any(step[0] == "op" for step in plan.steps):
+        plan.steps.append(("op", draw(st.sampled_from(sorted(OPS)))))
     if plan.planted == 0:
         plan.steps.append(("gate", "relu", "functional"))
         plan.planted += 1

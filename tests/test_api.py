@@ -21,7 +21,8 @@ PUBLIC = [
 SIGNATURES = {
     "convert": "(model: 'nn.Module', mode: 'Mode' = 'dlgn', *, example_inputs: 'torch.Tensor | "
                "Sequence[torch.Tensor] | None' = None, value_input: 'ValueInput' = 'input', beta: 'float' = 10.0, "
-               "pool: 'Pool' = 'gate', strict: 'bool' = True, leaf_modules: 'Iterable[type | str]' = ()) -> 'DLGN'",
+               "pool: 'Pool' = 'gate', strict: 'bool' = True, leaf_modules: 'Iterable[type | str]' = (), verify: 'bool' = "
+               "True) -> 'DLGN'",
     "finetune": "(dlgn: 'DLGN', train_loader: 'Iterable', val_loader: 'Iterable | None' = None, *, teacher: "
                 "'nn.Module | Teacher | None' = None, epochs: 'int' = 5, config: 'FinetuneConfig | None' = None, "
                 "example_inputs: 'Sequence[torch.Tensor] | None' = None, leaf_modules: 'Iterable[type | str] | None' = "

@@ -190,8 +190,6 @@ def test_alias_inplace_ops_are_mutations_of_their_first_arguments_group_in_order
                                                      "view_of_view")}
 
 
-@pytest.mark.xfail(strict=True, reason="out= is a mutation alias_analysis does not see: torch.add(y, 1, out=y) "
-                                       "is treated as a fresh op (sites.is_inplace ignores out=)")
 def test_alias_analysis_sees_out_keyword_mutation():
     """``torch.add(y, 1.0, out=y)`` writes into y: it must be recorded as a mutation of y's group."""
     b = B({"conv": _conv()})
@@ -403,8 +401,6 @@ def test_prune_keeps_guards_with_their_scalar_cone():
         gm(b.g, b.modules)(_x((3, 3, 4, 4)))
 
 
-@pytest.mark.xfail(strict=True, reason="prune drops torch.add(y, 1, out=y): the out= write is not a known "
-                                       "mutation and torch.add counts as fresh, so the result-less node goes")
 def test_prune_keeps_out_keyword_mutation():
     """``torch.add(y, 1.0, out=y)`` (result unused) changes y, which the output reads: prune must keep it."""
     conv = _conv()

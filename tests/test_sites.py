@@ -386,12 +386,9 @@ PRODUCT_CASES = [
     pytest.param(lambda g, x: _call(g, torch.mul, x, g.w), id="torch.mul(x, w)"),
     pytest.param(lambda g, x: _meth(g, "mul", x, g.w), id="x.mul(w)"),
     pytest.param(lambda g, x: _call(g, operator.matmul, x, g.w), id="x @ w"),
-    pytest.param(lambda g, x: _call(g, operator.mul, x, x), id="x*x", marks=pytest.mark.xfail(
-        strict=True, reason="nonlinear_reason counts distinct input nodes (all_input_nodes dedups), so x*x is "
-                            "not flagged and strict DLGN conversion accepts y*y")),
+    pytest.param(lambda g, x: _call(g, operator.mul, x, x), id="x*x"),
     pytest.param(lambda g, x: _call(g, operator.mul, x, _call(g, operator.add, x, 1.0)), id="x*(x+1)"),
-    pytest.param(lambda g, x: _call(g, torch.mul, x, x), id="torch.mul(x, x)", marks=pytest.mark.xfail(
-        strict=True, reason="same: torch.mul(x, x) has one distinct input node")),
+    pytest.param(lambda g, x: _call(g, torch.mul, x, x), id="torch.mul(x, x)"),
     pytest.param(lambda g, x: _meth(g, "mul", x, _meth(g, "sum", x)), id="x.mul(x.sum())"),
     pytest.param(lambda g, x: _call(g, torch.matmul, x, _meth(g, "transpose", x, -1, -2)), id="torch.matmul(x, x^T)"),
     pytest.param(lambda g, x: _call(g, operator.mul, _call(g, operator.mul, x, g.w), x), id="x*w*x"),
@@ -454,17 +451,11 @@ def test_shape_queries_are_not_input_dependent(build):
     assert is_affine(g, mods)
 
 
-def _missing(reason):
-    return pytest.mark.xfail(strict=True, reason="catalogue gap in sites._NONLINEAR_*: " + reason)
-
-
 NONLINEAR_CASES = [
     pytest.param("torch.sigmoid", lambda g, x: _call(g, torch.sigmoid, x), id="torch.sigmoid"),
     pytest.param("F.silu", lambda g, x: _call(g, F.silu, x), id="F.silu"),
     pytest.param("F.elu", lambda g, x: _call(g, F.elu, x), id="F.elu"),
-    pytest.param("F.gelu", lambda g, x: _call(g, F.gelu, x), id="F.gelu", marks=pytest.mark.xfail(
-        strict=True, reason="flagged, but named 'gelu': sites._fn_name only prefixes functions whose __module__ "
-                            "is torch.nn.functional, and F.gelu (like F.softplus, F.logsigmoid) is a builtin of torch._C._nn")),
+    pytest.param("F.gelu", lambda g, x: _call(g, F.gelu, x), id="F.gelu"),
     pytest.param("torch.exp", lambda g, x: _call(g, torch.exp, x), id="torch.exp"),
     pytest.param("Tensor.exp", lambda g, x: _meth(g, "exp", x), id="Tensor.exp"),
     pytest.param("Tensor.clamp", lambda g, x: _meth(g, "clamp", x, min=0.0), id="Tensor.clamp"),
@@ -475,22 +466,15 @@ NONLINEAR_CASES = [
     pytest.param("Tensor.square", lambda g, x: _meth(g, "square", x), id="Tensor.square"),
     pytest.param("Tensor.abs", lambda g, x: _meth(g, "abs", x), id="Tensor.abs"),
     pytest.param("F.layer_norm", lambda g, x: _call(g, F.layer_norm, x, (5,)), id="F.layer_norm"),
-    # functional spellings of ops whose module or method form *is* catalogued, and plain elementwise
-    # nonlinearities: find_sites misses them, so strict DLGN conversion silently keeps a nonlinear gating net
-    pytest.param("torch.clamp_min", lambda g, x: _call(g, torch.clamp_min, x, 0.0), id="torch.clamp_min",
-                 marks=_missing("torch.clamp_min (a ReLU spelling) is not flagged; Tensor.clamp_min is")),
-    pytest.param("torch.maximum", lambda g, x: _call(g, torch.maximum, x, g.w), id="torch.maximum",
-                 marks=_missing("torch.maximum(x, w) is not flagged")),
-    pytest.param("torch.square", lambda g, x: _call(g, torch.square, x), id="torch.square",
-                 marks=_missing("torch.square is not flagged; Tensor.square is")),
-    pytest.param("torch.reciprocal", lambda g, x: _call(g, torch.reciprocal, x), id="torch.reciprocal",
-                 marks=_missing("torch.reciprocal is not flagged; Tensor.reciprocal is")),
-    pytest.param("F.softshrink", lambda g, x: _call(g, F.softshrink, x), id="F.softshrink",
-                 marks=_missing("F.softshrink is not flagged; nn.Softshrink is")),
-    pytest.param("F.tanhshrink", lambda g, x: _call(g, F.tanhshrink, x), id="F.tanhshrink",
-                 marks=_missing("F.tanhshrink is not flagged; nn.Tanhshrink is")),
-    pytest.param("Tensor.sin", lambda g, x: _meth(g, "sin", x), id="Tensor.sin",
-                 marks=_missing("Tensor.sin / torch.sin are not flagged")),
+    # functional spellings of ops whose module or method form the old catalogue of nonlinearities had, and
+    # plain elementwise nonlinearities: off the allow-list, so flagged by construction
+    pytest.param("torch.clamp_min", lambda g, x: _call(g, torch.clamp_min, x, 0.0), id="torch.clamp_min"),
+    pytest.param("torch.maximum", lambda g, x: _call(g, torch.maximum, x, g.w), id="torch.maximum"),
+    pytest.param("torch.square", lambda g, x: _call(g, torch.square, x), id="torch.square"),
+    pytest.param("torch.reciprocal", lambda g, x: _call(g, torch.reciprocal, x), id="torch.reciprocal"),
+    pytest.param("F.softshrink", lambda g, x: _call(g, F.softshrink, x), id="F.softshrink"),
+    pytest.param("F.tanhshrink", lambda g, x: _call(g, F.tanhshrink, x), id="F.tanhshrink"),
+    pytest.param("Tensor.sin", lambda g, x: _meth(g, "sin", x), id="Tensor.sin"),
 ]
 
 

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         check_example_runs(model, example, opts.input_size)
     c = opts.conversion
     dlgn = convert(model, mode=c.mode, example_inputs=example, pool=c.pool, strict=c.strict,
-                   value_input=c.value_input, beta=c.beta)
+                   value_input=c.value_input, beta=c.beta, verify=c.verify)
     print(dlgn.report)
     if example is not None:
         print(f"shape: each site's output for an example input of shape {tuple(example[0].shape)}")
