@@ -100,5 +100,9 @@ def pct(v: float) -> str:
     return f"{100 * v:.2f} %"
 
 
-def values(runs: Sequence[Any]) -> list[float]:
-    return [r.accuracy for r in runs]
+def run_row(name: str, runs: Sequence[Any], note: str = "", paper: str = "") -> Row:
+    """A row of training runs (:class:`~relu2dlgn.experiments.runs.Run`): their accuracies, and per run its seed,
+    accuracy, final validation loss and time."""
+    return Row(name, [r.accuracy for r in runs], note, paper,
+               runs=[{"seed": r.seed, "accuracy": r.accuracy, "val_loss": r.history[-1].get("val_loss"),
+                      "seconds": round(r.seconds, 1)} for r in runs])

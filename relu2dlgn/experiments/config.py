@@ -55,7 +55,7 @@ class ExperimentConfig:
                                  model=DEFAULT_MODEL)
     source_training: SourceTraining = group(SourceTraining, "training the source (without --checkpoint)")
     dataset: DataOptions = group(DataOptions, "the data (default for a run directory: the run's)", batch_size=64)
-    training: FinetuneConfig = group(FinetuneConfig, "every training run of the experiments", epochs=3,
+    training: FinetuneConfig = group(FinetuneConfig, "every training run of the experiments", epochs=2,
                                      optim=OptimOptions(lr=2e-3))
 
     def check(self) -> None:

@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any
 
-from .common import EXPLICITISING, base_protocol, finish, open_setup, values, within
+from .common import EXPLICITISING, base_protocol, finish, open_setup, run_row, within
 from .config import ExperimentConfig
 from .figures import bar_chart
 from .result import ExperimentResult, Row
@@ -39,9 +39,9 @@ def constant_input(model: str | None = None, *, config: ExperimentConfig | None 
     started = time.perf_counter()
     source = setup.source_accuracy
     seeds = setup.cfg.seed_list()
-    with_x = Row(INPUT_ROW, values([finetuned(setup, s, "input") for s in seeds]),
+    with_x = run_row(INPUT_ROW, [finetuned(setup, s, "input") for s in seeds],
                  note="convert(source, value_input='input') + finetune")
-    with_ones = Row(ONES_ROW, values([finetuned(setup, s, "ones") for s in seeds]),
+    with_ones = run_row(ONES_ROW, [finetuned(setup, s, "ones") for s in seeds],
                     note="convert(source, value_input='ones') + finetune; the gating network sees x")
     rows = [Row("source network", [source], note="reference"), with_x, with_ones]
     agrees = within(with_ones, with_x)

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from .common import (DISENTANGLING, PAPER_DLGN_RATIO, PAPER_RELU, base_protocol, finish, open_setup, pct, ratio,
-                     values)
+                     run_row)
 from .config import ExperimentConfig
 from .figures import bar_chart
 from .result import ExperimentResult, Row
@@ -41,12 +41,12 @@ def dlgn_vs_dnn(model: str | None = None, *, config: ExperimentConfig | None = N
     source = setup.source_accuracy
     seeds = setup.cfg.seed_list()
     epochs = setup.cfg.training.epochs
-    relu = Row(f"ReLU network from scratch, {epochs} ep", values([relu_scratch(setup, s) for s in seeds]),
+    relu = run_row(f"ReLU network from scratch, {epochs} ep", [relu_scratch(setup, s) for s in seeds],
                note="train_classifier from a random init", paper=PAPER_RELU)
-    scratch = Row(f"DLGN from scratch, {epochs} ep", values([scratch_dlgn(setup, s) for s in seeds]),
+    scratch = run_row(f"DLGN from scratch, {epochs} ep", [scratch_dlgn(setup, s) for s in seeds],
                   note="fresh_dlgn (independent gating/value inits), no distillation",
                   paper=f"> {pct(PAPER_DLGN_RATIO)} of the DNN")
-    converted = Row(f"DLGN converted + fine-tuned, {epochs} ep", values([finetuned(setup, s) for s in seeds]),
+    converted = run_row(f"DLGN converted + fine-tuned, {epochs} ep", [finetuned(setup, s) for s in seeds],
                     note="convert(source) + finetune with distillation")
     rows = [Row("source network", [source], note="reference (its own budget)"), relu, scratch, converted]
     share = ratio(scratch.mean, relu.mean)

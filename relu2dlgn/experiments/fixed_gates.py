@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from .common import (NEURIPS2020, PAPER_FLNPF, PAPER_FLNPF_RATIO, PAPER_RELU, base_protocol, finish, open_setup,
-                     pct, ratio, values)
+                     pct, ratio, run_row)
 from .config import ExperimentConfig
 from .figures import bar_chart
 from .result import ExperimentResult, Row
@@ -45,9 +45,9 @@ def learnt_rows(setup: Setup) -> tuple[Row, Row]:
     dgn = gating_of(setup, "learnt", "dgn")
     dlgn = gating_of(setup, "learnt", "dlgn")
     _, where = learnt_dlgn(setup)
-    r1 = Row(LEARNT_DGN, values([value_on_gates(setup, ("learnt", "dgn"), dgn, s) for s in seeds]),
+    r1 = run_row(LEARNT_DGN, [value_on_gates(setup, ("learnt", "dgn"), dgn, s) for s in seeds],
              note="gating = the trained source (DGN), frozen; value = fresh random init, trained", paper=PAPER_FLNPF)
-    r2 = Row(LEARNT_DLGN, values([value_on_gates(setup, ("learnt", "dlgn"), dlgn, s) for s in seeds]),
+    r2 = run_row(LEARNT_DLGN, [value_on_gates(setup, ("learnt", "dlgn"), dlgn, s) for s in seeds],
              note=f"gating = linear gating net of {where}, frozen; value = fresh random init, trained")
     return r1, r2
 

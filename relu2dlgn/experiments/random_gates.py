@@ -21,11 +21,11 @@ import time
 from typing import Any
 
 from .common import (NEURIPS2020, PAPER_FRNPF, PAPER_FRNPF_RATIO, base_protocol, clearly_below, finish, open_setup,
-                     pct, ratio, values)
+                     pct, ratio, run_row)
 from .config import ExperimentConfig
 from .figures import bar_chart
 from .fixed_gates import learnt_rows
-from .result import ExperimentResult, Row
+from .result import ExperimentResult
 from .runs import gating_of, value_on_gates
 from .setup import Setup
 
@@ -45,7 +45,7 @@ def random_gates(model: str | None = None, *, config: ExperimentConfig | None = 
     for mode, what in (("dgn", "random ReLU gates"), ("dlgn", "random linear gates")):
         runs = [value_on_gates(setup, ("random", mode, GATING_SEED + s),
                                gating_of(setup, "random", mode, GATING_SEED + s), s) for s in setup.cfg.seed_list()]
-        rows.append(Row(f"{what} (frozen) + value net from scratch", values(runs),
+        rows.append(run_row(f"{what} (frozen) + value net from scratch", runs,
                         note=f"gating = random init ({mode.upper()}, seed {GATING_SEED}+k), frozen; value = "
                              f"independent random init (seed k), trained",
                         paper=PAPER_FRNPF if mode == "dgn" else ""))

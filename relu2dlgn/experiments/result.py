@@ -18,13 +18,15 @@ from ..utils.fs import atomic_write_text
 @dataclass
 class Row:
     """One line of an experiment's table: what was measured (``name``), one value per seed (``values``), how it
-    was obtained (``note``: what was trained or frozen), and the paper's number for it, if there is one."""
+    was obtained (``note``: what was trained or frozen), the paper's number for it, if there is one, and the
+    training runs behind it (``runs``: seed, accuracy, final validation loss, seconds)."""
 
     name: str
     values: list[float]
     note: str = ""
     paper: str = ""
     unit: str = "accuracy"
+    runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -50,7 +52,7 @@ class Row:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "mean": self.mean, "std": self.std, "values": list(self.values),
-                "n": len(self.values), "unit": self.unit, "note": self.note, "paper": self.paper}
+                "n": len(self.values), "unit": self.unit, "note": self.note, "paper": self.paper, "runs": self.runs}
 
 
 @dataclass

@@ -44,7 +44,7 @@ from ..explain.common import batch_dim
 from ..gates import GateSpec
 from ..training.losses import select_logits
 from ..utils.modes import eval_mode
-from .common import EXPLICITISING, base_protocol, finish, open_setup, values, within
+from .common import EXPLICITISING, base_protocol, finish, open_setup, run_row, within
 from .config import ExperimentConfig, site_list
 from .figures import site_chart
 from .result import ExperimentResult, Row
@@ -142,7 +142,8 @@ def _model_rows(setup: Setup, label: str, key: str, model: DLGN, chosen: list[in
         return gate_accuracy(model, loader, lambda gates: shuffle_examples(gates, specs, sites, g))
 
     plain = gate_accuracy(model, loader)
-    per_site = [Row(f"{i} {site.kind[:4]}", [shuffled([i], s) for s in seeds]) for i, site in enumerate(model.sites)]
+    per_site = [Row(f"{i} {site.kind[:4]}", [shuffled([i], s) for s in seeds], note=site.module_path)
+                for i, site in enumerate(model.sites)]
     rows = [Row(f"{label}: no shuffle", [plain], note="hard gates"),
             Row(f"{label}: one site shuffled across examples (mean over sites)", [r.mean for r in per_site],
                 note=f"each of the {len(per_site)} sites in turn; n = sites"),
@@ -155,17 +156,22 @@ def _model_rows(setup: Setup, label: str, key: str, model: DLGN, chosen: list[in
         permuted = {s: permute_layers(model, perms[s]) for s in seeds}
         evaluated = Row(f"{label}: layers permuted (evaluated)", [gate_accuracy(permuted[s], loader) for s in seeds],
                         note=f"groups {groups}; a derangement per seed, no retraining")
-        retrained = Row(f"{label}: layers permuted, value net retrained",
-                        values([value_on_gates(setup, (key, "permuted", tuple(perms[s])), permuted[s], s)
-                                for s in seeds]), note="frozen permuted gates, value net from scratch")
-        unpermuted = Row(f"{label}: unpermuted, value net retrained",
-                         values([value_on_gates(setup, ("learnt", key), model, s) for s in seeds]),
-                         note="= fixed_gates' row")
+        retrained = run_row(f"{label}: layers permuted, value net retrained",
+                            [value_on_gates(setup, (key, "permuted", tuple(perms[s])), permuted[s], s) for s in seeds],
+                            note="frozen permuted gates, value net from scratch")
+        unpermuted = run_row(f"{label}: unpermuted, value net retrained",
+                             [value_on_gates(setup, ("learnt", key), model, s) for s in seeds],
+                             note="= fixed_gates' row")
         rows += [evaluated, retrained, unpermuted]
         out.update(permutations={str(s): p for s, p in perms.items()}, retrained=retrained, unpermuted=unpermuted,
                    evaluated=evaluated)
     out["plain"] = rows[0]
     return out
+
+
+def _drop(rows: dict[str, Any]) -> float:
+    """Points of accuracy the layer permutation costs without retraining."""
+    return 100 * (rows["plain"].mean - rows["evaluated"].mean)
 
 
 def _sites_text(sites: list[int], n: int) -> str:
@@ -192,10 +198,9 @@ def shuffle_gates(model: str | None = None, *, config: ExperimentConfig | None =
     d, g = results["DLGN"], results["DGN"]
     if "retrained" in d:
         agrees: bool | None = within(d["retrained"], d["unpermuted"])
-        drop = lambda r: 100 * (r["plain"].mean - r["evaluated"].mean)  # noqa: E731
         headline = (f"DLGN, layers permuted + value retrained: {d['retrained'].formatted()} vs unpermuted "
                     f"{d['unpermuted'].formatted()}; evaluated without retraining the permutation costs the DLGN "
-                    f"{drop(d):.1f} points and the DGN {drop(g):.1f}")
+                    f"{_drop(d):.1f} points and the DGN {_drop(g):.1f}")
         verdict = ("agrees" if agrees else "disagrees") + \
             f": retrained on permuted masks the DLGN loses {100 * (d['unpermuted'].mean - d['retrained'].mean):.2f} " \
             f"points (criterion <= max(2 points, 2 pooled std))"
