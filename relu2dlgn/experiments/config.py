@@ -44,7 +44,7 @@ class ExperimentConfig:
                         check=at_least(1))
     train_examples: int | None = option(None, "train on the first N training examples only (default: all)",
                                         check=at_least(1))
-    npk_examples: int = option(64, "validation examples in each NPK of npk_vs_training (kernel classifier: fitted "
+    npk_examples: int = option(128, "validation examples in each NPK of npk_vs_training (kernel classifier: fitted "
                                    "on the even-indexed half, scored on the odd-indexed half)", check=at_least(4))
     shuffle_sites: str | None = option(None, "shuffle_gates: comma-separated site indices shuffled together across "
                                              "examples (default: all sites)", metavar="I,J,K")
