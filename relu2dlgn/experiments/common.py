@@ -68,6 +68,8 @@ def base_protocol(setup: Setup) -> dict[str, Any]:
                     f"{t.gates.recalibrate_bn} batches before epoch 1 (unfrozen networks only)",
         "seeds": f"{setup.cfg.seeds} (seeds {', '.join(str(s) for s in setup.cfg.seed_list())}); mean ± sample std",
         "reported": "validation accuracy after the last epoch (the paper reports the best epoch's)",
+        **({"budget": "--quick smoke budget: these numbers show that everything runs; they are no evidence for or "
+                      "against the claim"} if setup.cfg.quick else {}),
     }
 
 

@@ -106,7 +106,7 @@ class Setup:
 
     def source_protocol(self) -> str:
         r = self.source_record()
-        how = f"trained here for {r.get('epochs')} epochs (lr {self.cfg.source_training.source_lr})" \
+        how = f"trained here for {r.get('epochs')} epoch(s) (lr {self.cfg.source_training.source_lr})" \
             if r["trained_here"] else f"weights {r['weights']}"
         return f"{self.spec.model}, {how}"
 

@@ -73,8 +73,11 @@ def write_summary(setup: Setup, results: Sequence[ExperimentResult], seconds: fl
              f"training run. Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch "
              f"thread(s), device {machine['device']}, torch {machine['torch']}; load average "
              f"{_load(machine_before)} at the start, {_load(machine)} at the end. Total time {seconds:.0f} s "
-             f"({seconds / 60:.1f} min).", "",
-             "| experiment | claim | paper | ours | verdict | time (s) |", "|---|---|---|---|---|---|"]
+             f"({seconds / 60:.1f} min).", ""]
+    if cfg.quick:
+        lines += ["**--quick smoke budget: these numbers show that everything runs; they are no evidence for or "
+                  "against the claims.**", ""]
+    lines += ["| experiment | claim | paper | ours | verdict | time (s) |", "|---|---|---|---|---|---|"]
     for row in summary_rows(results):
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     lines += ["", "Times: each experiment's own wall time; runs shared with an earlier experiment are counted "
