@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ..dlgn import DLGN
 from ..errors import OptionError
@@ -142,8 +143,10 @@ def _model_rows(setup: Setup, label: str, key: str, model: DLGN, chosen: list[in
         return gate_accuracy(model, loader, lambda gates: shuffle_examples(gates, specs, sites, g))
 
     plain = gate_accuracy(model, loader)
+    sites = tqdm(list(enumerate(model.sites)), desc=f"shuffle {label} sites", leave=False,
+                 disable=not setup.cfg.training.runtime.progress)
     per_site = [Row(f"{i} {site.kind[:4]}", [shuffled([i], s) for s in seeds], note=site.module_path)
-                for i, site in enumerate(model.sites)]
+                for i, site in sites]
     rows = [Row(f"{label}: no shuffle", [plain], note="hard gates"),
             Row(f"{label}: one site shuffled across examples (mean over sites)", [r.mean for r in per_site],
                 note=f"each of the {len(per_site)} sites in turn; n = sites"),
