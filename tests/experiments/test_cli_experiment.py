@@ -82,3 +82,19 @@ def test_an_experiment_runs_on_an_image_folder(tmp_path):
     _pngs(tmp_path / "images" / "val", n=2)
     result = E.dlgn_vs_dnn(data=f"imagefolder:{tmp_path / 'images'}", out=str(tmp_path / "out"), quick=True, **TINY)
     assert result.protocol["data"].startswith("imagefolder:") and len(result.rows) == 4
+
+
+def test_a_main_job_run_directory_gives_the_source_it_trained(tmp_path):
+    """`relu2dlgn run` records no checkpoint: the source weights are the ones its source step wrote."""
+    from relu2dlgn.errors import LoadError
+    from relu2dlgn.experiments.source import resolve_source
+    run = tmp_path / "run"
+    (run / "source" / "model").mkdir(parents=True)
+    (run / "source" / "model" / "model.safetensors").write_bytes(b"")
+    (run / "config.yaml").write_text(yaml.safe_dump({"source": {"model": "timm:resnet10t", "checkpoint": None},
+                                                     "dataset": {"data": "digits", "batch_size": 64}}))
+    spec = resolve_source(str(run))
+    assert spec.model == "timm:resnet10t" and spec.weights == str(run / "source" / "model" / "model.safetensors")
+    assert spec.dlgn_dir is None and spec.dataset == {"data": "digits", "batch_size": 64}
+    with pytest.raises(LoadError, match="not a relu2dlgn run"):
+        resolve_source(str(tmp_path))
