@@ -22,9 +22,10 @@ def tiny_setup(out, **changes) -> Setup:
     return Setup(tiny_config(**changes), str(out), given=set(changes))
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def restore_threads():
-    """The tiny configs set one intra-op thread (tiny models; a busy machine); the other tests get theirs back."""
+    """The tiny configs set one intra-op thread (tiny models; a busy machine); the other tests get theirs back.
+    Module-scoped and autouse, so that it is set up before (and torn down after) the module's ``setup``."""
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
