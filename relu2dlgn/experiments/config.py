@@ -48,7 +48,8 @@ class ExperimentConfig:
                                    "on the even-indexed half, scored on the odd-indexed half)", check=at_least(4))
     shuffle_sites: str | None = option(None, "shuffle_gates: comma-separated site indices shuffled together across "
                                              "examples (default: all sites)", metavar="I,J,K")
-    threads: int | None = option(None, "torch intra-op threads on the CPU (default: torch's own)", check=at_least(1))
+    threads: int | None = option(None, "torch intra-op threads of the process (default: 1 when training on the CPU "
+                                       "— small models, shared cores; torch's own on a GPU)", check=at_least(1))
     quick: bool = option(False, "smoke budget: 1 seed, 1 epoch on 256 training examples, 1 source epoch, "
                                 "32-example kernels (overrides those options)")
     source: ModelOptions = group(ModelOptions, "the source network: a model spec, or a run directory",

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from ..dlgn import DLGN
@@ -183,12 +182,3 @@ def accuracy(setup: Setup, model: nn.Module) -> float:
     """Validation accuracy (hard gates for a DLGN) with the fine-tuning machinery's own evaluation."""
     rt = setup.cfg.training.runtime
     return float(evaluate(model, setup.val_loader, device=rt.device, amp=rt.amp, progress=False)["val_acc"])
-
-
-def seeds_of(setup: Setup) -> list[int]:
-    return setup.cfg.seed_list()
-
-
-def on_device(t: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    p = next(model.parameters(), None)
-    return t.to(p.device) if p is not None else t
