@@ -267,10 +267,21 @@ def from_dict(cls: type[T], data: dict[str, Any], *, what: str = "option", sourc
         else:
             raise OptionError(f"unknown {what} '{key}'{where}; valid: {', '.join(sorted(leaves))}")
     for name, values in sub.items():
-        kwargs[name] = from_dict(tps[name], values, what=what, source=source)
+        group_field = next(f for f in dataclasses.fields(cls) if f.name == name)
+        defaults = to_dict(group_field.default_factory())  # the composed config's own defaults for the group
+        kwargs[name] = from_dict(tps[name], _merged(defaults, values), what=what, source=source)
     obj = cls(**kwargs)
     validate(obj, what=what, source=source)
     return obj
+
+
+def _merged(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``values`` laid over it, sub-tables merged key by key (a group's defaults stay where the
+    given table does not set them)."""
+    out = dict(base)
+    for key, value in values.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _coerce(value: Any, tp: Any) -> Any:

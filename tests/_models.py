@@ -155,3 +155,26 @@ def source_net(seed: int = 0) -> nn.Module:
     """A small random source network (TinyNet, 10 classes) with non-trivial batch-norm statistics, eval mode."""
     torch.manual_seed(seed)
     return randomize_bn(TinyNet(num_classes=10), seed).eval()
+
+
+class TwinNet(nn.Module):
+    """Two pairs of same-shaped ReLU sites around a max-pool (sites: relu, relu, maxpool, relu, relu): the masks
+    of each pair are interchangeable, so the layer order of its gates can be permuted."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv4 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.max_pool2d(x, 2)
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.conv4(x))
+        return self.fc(x.mean((2, 3)))

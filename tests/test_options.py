@@ -152,3 +152,27 @@ def test_a_leaf_name_other_than_the_field_name_keeps_composed_groups_apart():
     p = argparse.ArgumentParser()
     add_options(p, _Both)
     assert resolve(_Both, p.parse_args(["--no-verify-conversion"])) == _Both(_Convert(False), _Export(True))
+
+
+@dataclass
+class Composed:
+    """A config that sets its own defaults for a group (as RunConfig does for fine-tuning: 3 epochs)."""
+
+    inner: Inner = group(Inner, "inner options", lr=0.25, kind="b")
+
+
+def test_setting_one_option_of_a_group_keeps_the_composed_defaults_of_the_others(tmp_path):
+    """Regression: `relu2dlgn run --lr 3e-3` trained 5 epochs (FinetuneConfig's default), not the run's 3."""
+    assert from_flat(Composed, shape=(1,)).inner == Inner(lr=0.25, kind="b", shape=(1,))
+    assert from_dict(Composed, {"inner": {"shape": [2]}}).inner == Inner(lr=0.25, kind="b", shape=(2,))
+    assert from_dict(Composed, {"shape": [2]}).inner == Inner(lr=0.25, kind="b", shape=(2,))
+    from relu2dlgn.pipeline import RunConfig
+    cfg = from_flat(RunConfig, lr=3e-3, data="digits")
+    assert (cfg.training.epochs, cfg.dataset.batch_size, cfg.training.optim.lr) == (3, 64, 3e-3)
+    path = tmp_path / "run.yaml"
+    path.write_text("training:\n  lr: 0.003\n")
+    parser = argparse.ArgumentParser()
+    add_options(parser, RunConfig, skip=("out_dir", "resume"), flags={"model": ("--model",)})
+    add_config_flag(parser)
+    resolved = resolve(RunConfig, parser.parse_args(["--config", str(path)]))
+    assert (resolved.training.epochs, resolved.training.optim.lr) == (3, 0.003)

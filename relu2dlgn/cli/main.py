@@ -8,9 +8,9 @@ import sys
 from typing import Sequence
 
 from ..errors import Relu2DlgnError
-from . import explain, export, finetune, inspect, run
+from . import experiment, explain, export, finetune, inspect, run
 
-COMMANDS = (run, inspect, finetune, export, explain)
+COMMANDS = (run, inspect, finetune, export, explain, experiment)
 
 
 class _TqdmHandler(logging.Handler):
