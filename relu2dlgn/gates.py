@@ -175,7 +175,7 @@ def gate_relu(v: Tensor, g: Tensor) -> Tensor:
 @fx_leaf
 def gate_relu_(v: Tensor, g: Tensor) -> Tensor:
     if g.dtype == torch.bool:
-        return v.masked_fill_(~g, 0.0)
+        return v.copy_(torch.where(g, v, 0.0))
     return v.mul_(g)
 
 

@@ -122,7 +122,9 @@ def argmax_chain(q: Tensor, geo: "PoolGeometry") -> Tensor:
     qp = _padded(q, geo, -math.inf)
     offsets = _offsets(geo)
     best = _view(qp, geo, out, offsets[0])
-    idx = _const(first, q).expand(best.shape)
+    idx = _const(first, q)  # broadcast by the first where
+    if len(offsets) == 1:
+        return idx.expand(best.shape).clone()
     for k in range(1, len(offsets)):
         qk = _view(qp, geo, out, offsets[k])
         take = (qk > best) | torch.isnan(qk)
