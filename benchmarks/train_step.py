@@ -58,7 +58,7 @@ def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch
     if device.type == "cuda":
         dlgn.to(memory_format=torch.channels_last)
         dlgn_avg.to(memory_format=torch.channels_last)
-    teacher = TeacherTap(copy.deepcopy(model).eval()).eval()  # its own copy: the source trains meanwhile
+    teacher = TeacherTap(copy.deepcopy(model).eval(), targets=True).eval()  # its own copy: the source trains
     pairs = match_sites(dlgn, teacher.site_nodes, teacher.site_kinds)
     specs = dlgn.gate_specs
     opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (source, dlgn, dlgn_avg)}

@@ -44,7 +44,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .gates import PoolGeometry
 
-__all__ = ["argmax_chain", "select_chain", "argmax_by_equality"]
+__all__ = ["argmax_chain", "select_chain", "argmax_by_equality", "window_flat_indices"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,6 +82,12 @@ def _window_constants(geo: "PoolGeometry", size: tuple[int, ...]) -> tuple[np.nd
     flat, valid = np.stack(flats), np.stack(valids)
     first = np.take_along_axis(flat, valid.argmax(0)[None], 0)[0]  # every window has a position inside
     return flat, valid, first
+
+
+def window_flat_indices(geo: "PoolGeometry", size: tuple[int, ...]) -> np.ndarray:
+    """``(K, *out)`` int64: the per-plane flat index that kernel offset ``k`` reads at each output position for a
+    spatial input ``size`` (-1 outside the input); offsets in row-major order, as :func:`F.unfold` numbers them."""
+    return _window_constants(geo, tuple(size))[0]
 
 
 def _const(array: np.ndarray, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:

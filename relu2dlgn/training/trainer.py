@@ -135,7 +135,7 @@ class Trainer:
                 if self.channels_last:
                     teacher.to(memory_format=torch.channels_last)
             examples = tuple(to_device(e, self.device) for e in example_inputs) if example_inputs else None
-            self.teacher = make_teacher(teacher, examples, leaf_modules)
+            self.teacher = make_teacher(teacher, examples, leaf_modules, targets=True)
             if not isinstance(self.student, DLGNStudent):
                 raise InputError("a teacher's gates can only teach a DLGN; for a plain classifier use distill=False "
                                  "and no teacher")
