@@ -203,24 +203,29 @@ _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 def argmax_by_equality(q: Tensor, geo: "PoolGeometry") -> Tensor:
     """Per-plane arg-max indices of ``q``'s pooling windows by equality with the window maximum (see the module
-    docstring; exact for inputs without NaN). ``q``: ``(N, C, *S)``; returns int64 ``(N, C, *out)``."""
+    docstring; exact for inputs without NaN). ``q``: ``(N, C, *S)``; returns int64 ``(N, C, *out)``.
+
+    A window where no element equals the maximum gets its first position inside the input: that is PyTorch's
+    answer for a window of -inf only (onnxruntime's max-pool gives such a window the lowest finite float, which no
+    element equals), and an index inside the window for one holding NaN."""
     size = tuple(q.shape[2:])
     out = geo.output_size(size)
-    flat, valid, _ = _window_constants(geo, size)
+    flat, valid, first = _window_constants(geo, size)
     huge = int(np.prod(size)) + 1
     score_dtype = torch.float32 if huge < 2 ** 24 else torch.int64  # integers exact in the score's dtype
     weights = np.where(valid, huge - flat, 0)
-    fallback = np.where(valid, weights, np.iinfo(np.int64).max).min(0)  # the last position inside the input
     m = _MAX_POOL[geo.ndim](q, geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.ceil_mode)
     convs, plan = _phase_plan(geo, size)
     ones = torch.ones((q.shape[1], 1) + (1,) * geo.ndim, dtype=q.dtype, device=q.device)
     planes = {r: _CONV[geo.ndim](q, ones, stride=geo.stride, padding=pads, groups=q.shape[1])
               for r, pads in convs.items()}
-    score = _const(fallback, q, score_dtype)
+    score: Tensor | None = None
     for k, (residues, starts) in enumerate(plan):
         if not valid[k].any():
             continue
         view = planes[residues][(slice(None), slice(None)) + tuple(slice(a, a + o) for a, o in zip(starts, out))]
-        w = _const(weights[k], q, score_dtype)
-        score = torch.maximum(score, (view == m).to(score_dtype) * w)
-    return (huge - score).to(torch.int64)
+        term = (view == m).to(score_dtype) * _const(weights[k], q, score_dtype)
+        score = term if score is None else torch.maximum(score, term)
+    assert score is not None  # every window has a position inside the input
+    unmatched = (score == 0).to(score_dtype) * _const(huge - first, q, score_dtype)
+    return (huge - score - unmatched).to(torch.int64)

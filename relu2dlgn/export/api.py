@@ -152,7 +152,8 @@ def export_onnx(
             finite values; NaN pre-activations and infinite values excepted).
         dtype: precision of the exported graph (``torch.float16`` / ``"float16"``, or float32); default the
             model's. A copy of the model in that precision is exported and verified (``dlgn`` is not changed);
-            gates are decided on that precision's pre-activations (see README, "Half precision").
+            gates are decided on that precision's pre-activations (see README, "Half precision"). A graph in a
+            precision other than float32 always has the portable form.
         verify: check the written model (see below); ``False`` skips the check.
         verify_batch: batch size of the verification batch (default: the traced batch + 1; with
             ``dynamic_batch=False`` it must be, and defaults to, the traced batch).
@@ -312,6 +313,10 @@ def _export_parts(dlgn: DLGN, examples: tuple[torch.Tensor, ...], targets: list[
     out_names = output_names(example.output)
     batch = torch.export.Dim("batch") if dynamic_batch else None
     in_shapes = tuple({0: batch} for _ in examples) if batch is not None else None
+    # The default form is for float32 on onnxruntime's CPU provider: its max-pool gate compares the window maximum
+    # with the window's elements, which needs both computed in one precision, and onnxruntime runs a float16 graph
+    # in float32 between casts it inserts where it lacks float16 kernels; other precisions get the portable form.
+    portable = portable or dlgn.dtype != torch.float32
     export = functools.partial(torch_export.export_part, opset=opset, custom_translations=custom_translations,
                                files=graph_files(dlgn), timings=timings, portable=portable)
     if split:
