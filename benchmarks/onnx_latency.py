@@ -98,7 +98,10 @@ def export_all(spec: str, args: argparse.Namespace, workdir: str) -> dict[tuple[
         print(f"\n{spec} {dtype}: source export {time.perf_counter() - t:.1f} s", flush=True)
         for form in args.forms:
             path = os.path.join(workdir, f"{name}.{args.mode}.{form}.{dtype}.onnx")
-            report = export_onnx(dlgn, path, (x,), portable=form == "portable", dtype=tdtype)
+            kwargs = {"portable": True} if form == "portable" else {}
+            if tdtype != torch.float32:
+                kwargs["dtype"] = tdtype
+            report = export_onnx(dlgn, path, (x,), **kwargs)
             print(report, flush=True)
             paths[dtype, form] = path
     return paths

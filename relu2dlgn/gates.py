@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import maxpool_gate
+from .errors import OptionError
 from .types import GateKind
 from .utils.fx import fx_leaf
 
@@ -59,12 +60,13 @@ _FORM: contextvars.ContextVar[str] = contextvars.ContextVar("relu2dlgn_gate_form
 def gate_form(form: GateForm) -> Iterator[None]:
     """Compute hard max-pool gates (and read the value network's tensor at them) in ``form`` inside the block."""
     if form not in ("eager", "portable", "onnx"):
-        raise ValueError(f"gate form must be 'eager', 'portable' or 'onnx', got {form!r}")
+        raise OptionError(f"gate form must be 'eager', 'portable' or 'onnx', got {form!r}")
     token = _FORM.set(form)
     try:
         yield
     finally:
         _FORM.reset(token)
+
 
 @dataclass(frozen=True)
 class PoolGeometry:

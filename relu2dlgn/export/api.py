@@ -15,7 +15,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..dlgn import DLGN
-from ..errors import ExportError
+from ..errors import ExportError, OptionError
 from ..options import Check, at_least, option
 from ..utils.modes import eval_mode
 from . import files, torch_export
@@ -242,7 +242,7 @@ def _in_dtype(dlgn: DLGN, example_inputs: Any, dtype: torch.dtype | str | None) 
     names = {"float32": torch.float32, "float16": torch.float16}
     target = names.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if target not in names.values():
-        raise ExportError(f"dtype must be one of {', '.join(get_args(ExportDType))} (or torch.float32 / "
+        raise OptionError(f"dtype must be one of {', '.join(get_args(ExportDType))} (or torch.float32 / "
                           f"torch.float16), got {dtype!r}")
     if not isinstance(dlgn, DLGN) or dlgn.dtype == target:
         converted = dlgn

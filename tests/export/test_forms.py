@@ -224,3 +224,11 @@ def test_float16_export(tmp_path, portable):
     assert rel_err(torch.from_numpy(res[0]).float(), ref[0].float()) < 2e-2
     if portable:
         check_portable_ops(path)
+
+
+def test_export_dtype_is_checked(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(x,))
+    with pytest.raises(relu2dlgn.OptionError, match=r"dtype must be one of float32, float16 .* got 'bfloat16'"):
+        export_onnx(dlgn, tmp_path / "m.onnx", x, dtype="bfloat16")
+    assert list(tmp_path.iterdir()) == []
