@@ -8,14 +8,22 @@ Rows, each as time / source step time:
 * ``dlgn pool=avg``  — converted with ``pool="avg"`` (the authors' choice: no max-pool gate);
 * ``dlgn + distill`` — plus the teacher forward (no grad), logit KD and the gate-agreement loss;
 * ``Trainer`` / ``Trainer (distill)`` — the whole ``relu2dlgn.training.Trainer`` step (soft gates, metrics, NaN guard, beta schedule; with distillation also the teacher, the losses
-  and the gate agreement), timed as an epoch of one batch.
+  and the gate agreement), timed as an epoch of one batch;
+* with ``--compile``: ``Trainer (compile)`` / ``Trainer (distill, compile)`` — the same with
+  ``finetune(..., compile=True)`` (torch.compile, inductor), timed after the compilation (whose time is printed).
 
 Source and DLGN steps are timed alternately, ``--repeats`` rounds of ``--steps`` steps, and the median round
-is reported, so load changes on a shared machine hit both alike.  CPU always; CUDA too when present (bf16
-autocast and channels_last there, as the Trainer does).  Target: the DLGN step <= 2.1x.
+is reported, so load changes on a shared machine hit both alike; the CPU time of the timing thread is reported
+too (``--cpu-time``: ratios from it), which other processes on a shared machine disturb less.  CPU always; CUDA
+too when present (bf16 autocast and channels_last there, as the Trainer does).  Targets: the DLGN step <= 2.1x,
+the distillation step <= 2.5x.
+
+``--memory``: the peak resident memory of training (the high-water mark ``VmHWM`` of a fresh process that builds
+the model and runs ``--steps`` steps, less that of one that only imports torch) for the source, the DLGN and the DLGN with
+distillation, and the ratios; target <= 2.2x.
 
     python benchmarks/train_step.py
-    python benchmarks/train_step.py --models timm:resnet18 --size 64 --batch 32
+    python benchmarks/train_step.py --models timm:resnet18 --size 64 --batch 32 --threads 1 --compile --memory
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import copy
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -46,22 +55,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> dict[str, Callable]:
+def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+               only: str | None = None) -> Any:
+    """The step functions by name (``only``: just that one, building nothing else — the memory measurement)."""
     amp = device.type == "cuda"
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
+    need = {"source": ("source",), "dlgn": ("dlgn",), "dlgn pool=avg": ("dlgn_avg",),
+            "dlgn + distill": ("dlgn", "teacher")}.get(only or "", ("source", "dlgn", "dlgn_avg", "teacher"))
+    teacher = TeacherTap(copy.deepcopy(model).eval(), targets=True).eval() if "teacher" in need else None
     source = model.to(device).train()
-    dlgn = relu2dlgn.convert(model, example_inputs=x[:2]).to(device).train()
-    dlgn_avg = relu2dlgn.convert(model, example_inputs=x[:2], pool="avg").to(device).train()
+    dlgn = relu2dlgn.convert(model, example_inputs=x[:2]).to(device).train() if "dlgn" in need else None
+    dlgn_avg = relu2dlgn.convert(model, example_inputs=x[:2], pool="avg").to(device).train() \
+        if "dlgn_avg" in need else None
     if device.type == "cuda":
-        dlgn.to(memory_format=torch.channels_last)
-        dlgn_avg.to(memory_format=torch.channels_last)
-    teacher = TeacherTap(copy.deepcopy(model).eval()).eval()  # its own copy: the source trains meanwhile
-    pairs = match_sites(dlgn, teacher.site_nodes, teacher.site_kinds)
-    specs = dlgn.gate_specs
-    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (source, dlgn, dlgn_avg)}
+        for m in (dlgn, dlgn_avg):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+    pairs = match_sites(dlgn, teacher.site_nodes, teacher.site_kinds) if teacher is not None else []
+    specs = dlgn.gate_specs if dlgn is not None else ()
+    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+            for m, name in ((source, "source"), (dlgn, "dlgn"), (dlgn_avg, "dlgn_avg")) if name in need}
 
     def plain(m: nn.Module) -> Callable:
         opt = opts[id(m)]
@@ -89,23 +105,27 @@ def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch
         opt.step()
 
     source.train()
-    return {"source": plain(source), "dlgn": plain(dlgn), "dlgn pool=avg": plain(dlgn_avg),
-            "dlgn + distill": distill}
+    fns = {"source": lambda: plain(source), "dlgn": lambda: plain(dlgn), "dlgn pool=avg": lambda: plain(dlgn_avg),
+           "dlgn + distill": lambda: distill}
+    if only is not None:
+        return fns[only]()
+    return {k: f() for k, f in fns.items()}
 
 
 def trainer_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                 distill: bool) -> Callable:
+                 distill: bool, compile: bool = False) -> Callable:
     """One Trainer epoch of one batch: the full step (metrics, NaN guard, beta schedule), with or without
-    distillation from the source network."""
+    distillation from the source network, eager or compiled."""
     teacher = copy.deepcopy(model).eval()
     dlgn = relu2dlgn.convert(teacher, example_inputs=x[:2])
     cfg = FinetuneConfig.from_options(epochs=1, progress=False, recalibrate_bn=0, eval_before=False,
-                                      device=str(device))
+                                      device=str(device), compile=compile)
     trainer = Trainer(dlgn, [(x, y)], teacher=teacher if distill else None, config=cfg)
     return lambda: trainer.train_epoch(1)
 
 
-def bench(spec: str, size: int, batch: int, device: torch.device, steps: int, repeats: int) -> dict[str, Any]:
+def bench(spec: str, size: int, batch: int, device: torch.device, steps: int, repeats: int,
+          compile: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     model = create_model(spec, num_classes=10).eval()
     x = torch.randn(batch, 3, size, size, device=device)
@@ -117,21 +137,68 @@ def bench(spec: str, size: int, batch: int, device: torch.device, steps: int, re
     fns = make_steps(model, x, y, device)
     fns["Trainer"] = trainer_step(model, x, y, device, distill=False)
     fns["Trainer (distill)"] = trainer_step(model, x, y, device, distill=True)
+    compile_s: dict[str, float] = {}
+    if compile:
+        for name, distill in (("Trainer (compile)", False), ("Trainer (distill, compile)", True)):
+            fns[name] = trainer_step(model, x, y, device, distill=distill, compile=True)
+            t = time.perf_counter()
+            fns[name]()  # compiles
+            compile_s[name] = time.perf_counter() - t
+            print(f"{spec}: {name}: first step (compilation) {compile_s[name]:.0f} s", flush=True)
     for f in fns.values():  # warm-up
         for _ in range(2):
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, f in fns.items():
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             for _ in range(steps):
                 f()
             _sync(device)
             times[name].append((time.perf_counter() - t) / steps)
+            cpu[name].append((time.thread_time() - c) / steps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": spec, "size": size, "batch": batch, "device": str(device),
-            "step_s": med, "ratio": {k: v / med["source"] for k, v in med.items()}}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return {"model": spec, "size": size, "batch": batch, "device": str(device), "load": os.getloadavg()[0],
+            "step_s": med, "ratio": {k: v / med["source"] for k, v in med.items()},
+            "cpu_ratio": {k: v / med_cpu["source"] for k, v in med_cpu.items()}, "compile_s": compile_s}
+
+
+_MEMORY_CHILD = """
+import resource, sys, torch
+sys.path.insert(0, {here!r})
+torch.set_num_threads({threads})
+if {what!r} != "baseline":
+    from train_step import make_steps
+    from relu2dlgn.zoo import create_model
+    torch.manual_seed(0)
+    model = create_model({spec!r}, num_classes=10).eval()
+    x, y = torch.randn({batch}, 3, {size}, {size}), torch.randint(0, 10, ({batch},))
+    step = make_steps(model, x, y, torch.device("cpu"), only={what!r})
+    del model  # held by the step where it trains (the source); otherwise not part of the training state
+    for _ in range({steps}):
+        step()
+try:  # this process's own high-water mark (ru_maxrss would include the parent's, kept across fork and exec)
+    with open("/proc/self/status") as f:
+        print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
+except OSError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_memory(spec: str, size: int, batch: int, steps: int, threads: int) -> dict[str, float]:
+    """Peak resident bytes of training, per step kind, each in a fresh process, less an idle torch process's."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = {}
+    for what in ("baseline", "source", "dlgn", "dlgn + distill"):
+        code = _MEMORY_CHILD.format(here=here, threads=threads, what=what, spec=spec, batch=batch, size=size,
+                                    steps=steps)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out[what] = float(res.stdout.strip().splitlines()[-1])
+    base = out.pop("baseline")
+    return {k: v - base for k, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="also time the Trainer step with compile=True")
+    p.add_argument("--memory", action="store_true", help="also measure the peak memory of training (CPU)")
+    p.add_argument("--cpu-time", action="store_true", help="ratios of the timing thread's CPU time")
     p.add_argument("--out", default="benchmarks/results/train_step.json")
     args = p.parse_args(argv)
     if args.threads:
@@ -152,15 +222,28 @@ def main(argv: list[str] | None = None) -> int:
     for device in devices:
         for spec in args.models.split(","):
             batch = args.gpu_batch if device.type == "cuda" else args.batch
-            r = bench(spec, args.size, batch, device, args.steps, args.repeats)
+            r = bench(spec, args.size, batch, device, args.steps, args.repeats, compile=args.compile)
+            if args.memory and device.type == "cpu":
+                r["peak_bytes"] = peak_memory(spec, args.size, batch, args.steps, torch.get_num_threads())
+                r["peak_ratio"] = {k: v / r["peak_bytes"]["source"] for k, v in r["peak_bytes"].items()}
             results.append(r)
-            print(json.dumps({"model": spec, "device": str(device), "ratio": {k: round(v, 3) for k, v in r["ratio"].items()}}),
-                  flush=True)
-    header = ["model", "device", "input", "source step"] + [k for k in results[0]["ratio"] if k != "source"]
+            print(json.dumps({"model": spec, "device": str(device), "load": round(r["load"], 1),
+                              "ratio": {k: round(v, 3) for k, v in r["ratio"].items()},
+                              "cpu_ratio": {k: round(v, 3) for k, v in r["cpu_ratio"].items()},
+                              **({"peak_ratio": {k: round(v, 2) for k, v in r["peak_ratio"].items()}}
+                                 if "peak_ratio" in r else {})}), flush=True)
+    key = "cpu_ratio" if args.cpu_time else "ratio"
+    header = ["model", "device", "input", "load", "source step"] + [k for k in results[0]["ratio"] if k != "source"]
+    if any("peak_ratio" in r for r in results):
+        header += ["peak memory: source", "dlgn", "dlgn + distill"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        cells = [r["model"], r["device"], f"{r['batch']}x3x{r['size']}x{r['size']}", f"{r['step_s']['source'] * 1e3:.1f} ms"]
-        cells += [f"{r['ratio'][k]:.2f}x" for k in header[4:]]
+        cells = [r["model"], r["device"], f"{r['batch']}x3x{r['size']}x{r['size']}", f"{r['load']:.1f}",
+                 f"{r['step_s']['source'] * 1e3:.1f} ms"]
+        cells += [f"{r[key][k]:.2f}x" for k in r["ratio"] if k != "source"]
+        if "peak_ratio" in r:
+            cells += [f"{r['peak_bytes']['source'] / 2 ** 20:.0f} MiB", f"{r['peak_ratio']['dlgn']:.2f}x",
+                      f"{r['peak_ratio']['dlgn + distill']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     info = machine()

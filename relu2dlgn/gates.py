@@ -4,35 +4,69 @@ Every piecewise-linear activation ``phi`` is written as ``phi(q) = slope(g) * q 
 gate ``g`` says which linear piece the pre-activation ``q`` is in.  The gating network computes ``q``;
 the value network applies the selected piece to its *own* value ``v``:
 
-===========  =================================  ==============================================
-kind         gate g (hard; soft in train mode)  value network
-===========  =================================  ==============================================
-relu         1(q > 0)  (sigmoid(beta q))         v * g
-leaky_relu   1(q > 0)                            v * (g + a (1 - g))
-prelu        1(q > 0)                            v * (g + w (1 - g)),  w per channel (dim 1)
-hardtanh     [1(q > lo), 1(q > hi)] (stacked)    (g0 - g1) v + (1 - g0) lo + g1 hi
-maxpool      arg max of q in each window          v at that position
-             (soft: softmax(beta q) over window)  (soft: window-weighted sum of v)
-             shaped (N, C, K, *out), K = window size
-===========  =================================  ==============================================
+===========  ======================================  =========================  ========================================
+kind         hard gate (eval; ``bool``)              soft gate (train)          value network: hard | soft gate
+===========  ======================================  =========================  ========================================
+relu         on = not(q <= 0)                        sigmoid(beta q)            where(g, v, 0) | v * g
+leaky_relu   on = not(q <= 0)                        sigmoid(beta q)            where(g, v, a v) | v * (g + a (1 - g))
+prelu        on = not(q <= 0)                        sigmoid(beta q)            where(g, v, w v) | v * (g + w (1 - g))
+hardtanh     [not(q <= lo), q > hi], stacked         the two sigmoids, stacked  where(g1, hi, where(g0, v, lo)) |
+                                                                                (g0 - g1) v + (1 - g0) lo + g1 hi
+maxpool      per-plane arg-max index (int64)         softmax(beta q) over each  v at the index | window-weighted sum
+                                                     window, (N, C, K, *out)
+===========  ======================================  =========================  ========================================
 
-ReLU6 is hardtanh(0, 6).  With hard gates and ``v == q`` every row reproduces ``phi(q)`` exactly
-(products with 0/1 and additions of 0 are exact in floating point), which is what makes a DGN with the
-source weights and value input ``x`` equal to the source network.
+ReLU6 is hardtanh(0, 6); ``w`` is PReLU's per-channel weight (dim 1).
+
+**Exactness and ties.** A hard gate is on unless ``q <= 0``: ``q = 0`` (and ``-0``) is off, ``NaN`` is on. With
+``where`` selecting a piece (rather than multiplying by a 0/1 mask, where ``0 * inf`` would be NaN), each hard row
+with ``v == q`` reproduces ``phi(q)`` bit for bit for every float, infinities and NaN included: ``relu(NaN) =
+NaN``, ``hardtanh(inf) = hi``, and ``leaky_relu(-inf)`` with slope 0 is NaN in the source and here alike. That is
+what makes a DGN with the source weights and value input ``x`` equal to the source network. The max-pool gate's
+tie rule is PyTorch's (the first maximum in row-major window order; NaN wins, the last NaN; padding never):
+see :mod:`relu2dlgn.maxpool_gate`.
+
+**Formulations.** Hard max-pool gates can be computed three ways with identical results (:func:`gate_form`):
+``"eager"`` (PyTorch's max-pool with indices and ``gather``, the default), ``"portable"`` (the
+compare-and-select chain: no index op) and ``"onnx"`` (equality with the window maximum, for onnxruntime's CPU
+provider; not NaN-exact). ONNX export picks one while it traces; everything else runs ``"eager"``.
 
 The functions here are module-level so that torch.fx code generation and pickling can refer to them.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import maxpool_gate
+from .errors import OptionError
 from .types import GateKind
 from .utils.fx import fx_leaf
+
+GateForm = Literal["eager", "portable", "onnx"]
+"""How hard max-pool gates are computed (same results): PyTorch's kernels, the index-free chain, or equality
+with the window maximum (see the module docstring)."""
+
+_FORM: contextvars.ContextVar[str] = contextvars.ContextVar("relu2dlgn_gate_form", default="eager")
+
+
+@contextlib.contextmanager
+def gate_form(form: GateForm) -> Iterator[None]:
+    """Compute hard max-pool gates (and read the value network's tensor at them) in ``form`` inside the block."""
+    if form not in ("eager", "portable", "onnx"):
+        raise OptionError(f"gate form must be 'eager', 'portable' or 'onnx', got {form!r}")
+    token = _FORM.set(form)
+    try:
+        yield
+    finally:
+        _FORM.reset(token)
+
 
 @dataclass(frozen=True)
 class PoolGeometry:
@@ -93,27 +127,41 @@ class GateSpec:
 # --------------------------------------------------------------------------------------------------
 
 def step(q: Tensor, beta: float, hard: bool) -> Tensor:
-    """``1(q > 0)`` (hard) or ``sigmoid(beta * q)`` (soft), in ``q``'s dtype."""
+    """``not(q <= 0)`` as ``bool`` (hard: off at 0, on at NaN) or ``sigmoid(beta * q)`` in ``q``'s dtype (soft)."""
     if hard:
-        return (q > 0).to(q.dtype)
+        return ~(q <= 0)
     return torch.sigmoid(q * beta)
 
 
 def make_gate(spec: GateSpec, q: Tensor, beta: float, hard: bool) -> Tensor:
-    """The gate tensor the value network consumes for one site, from that site's pre-activation."""
+    """The gate tensor the value network consumes for one site, from that site's pre-activation (see the table in
+    the module docstring)."""
     kind = spec.kind
     if kind in ("relu", "leaky_relu", "prelu"):
         return step(q, beta, hard)
     if kind == "hardtanh":
-        return torch.stack([step(q - spec.lo, beta, hard), step(q - spec.hi, beta, hard)])
+        if hard:  # compared with the bounds directly: q - lo could round to 0 or overflow
+            return torch.stack([~(q <= spec.lo), q > spec.hi])
+        return torch.stack([step(q - spec.lo, beta, False), step(q - spec.hi, beta, False)])
     if kind == "maxpool":
         geo = spec.pool
         assert geo is not None
         if hard:
-            return _max_pool_fn(geo.ndim)(q, geo.kernel_size, geo.stride, geo.padding, geo.dilation,
-                                          geo.ceil_mode, return_indices=True)[1]
-        return torch.softmax(pool_windows(q, geo, float("-inf")) * beta, dim=2)
+            return hard_maxpool_gate(q, geo)
+        # beta applied to q, not to its K-fold windows (a fifth of the gate's training time at K = 9)
+        return torch.softmax(pool_windows(q * beta, geo, float("-inf")), dim=2)
     raise ValueError(f"unknown gate kind {kind!r}")
+
+
+def hard_maxpool_gate(q: Tensor, geo: PoolGeometry) -> Tensor:
+    """Per-plane arg-max indices of ``q``'s pooling windows, in the current :func:`gate_form`."""
+    form = _FORM.get()
+    if form == "portable":
+        return maxpool_gate.argmax_chain(q, geo)
+    if form == "onnx":
+        return maxpool_gate.argmax_by_equality(q, geo)
+    return _max_pool_fn(geo.ndim)(q, geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.ceil_mode,
+                                  return_indices=True)[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,11 +170,15 @@ def make_gate(spec: GateSpec, q: Tensor, beta: float, hard: bool) -> Tensor:
 
 @fx_leaf
 def gate_relu(v: Tensor, g: Tensor) -> Tensor:
+    if g.dtype == torch.bool:
+        return torch.where(g, v, 0.0)
     return v * g
 
 
 @fx_leaf
 def gate_relu_(v: Tensor, g: Tensor) -> Tensor:
+    if g.dtype == torch.bool:
+        return v.copy_(torch.where(g, v, 0.0))
     return v.mul_(g)
 
 
@@ -136,11 +188,15 @@ def _slope(g: Tensor, a: Tensor | float) -> Tensor:
 
 @fx_leaf
 def gate_leaky_relu(v: Tensor, g: Tensor, negative_slope: float) -> Tensor:
+    if g.dtype == torch.bool:
+        return torch.where(g, v, v * negative_slope)
     return v * _slope(g, negative_slope)
 
 
 @fx_leaf
 def gate_leaky_relu_(v: Tensor, g: Tensor, negative_slope: float) -> Tensor:
+    if g.dtype == torch.bool:
+        return v.copy_(torch.where(g, v, v * negative_slope))
     return v.mul_(_slope(g, negative_slope))
 
 
@@ -154,26 +210,36 @@ def _prelu_weight(v: Tensor, weight: Tensor) -> Tensor:
 
 @fx_leaf
 def gate_prelu(v: Tensor, g: Tensor, weight: Tensor) -> Tensor:
-    return v * _slope(g, _prelu_weight(v, weight))
+    w = _prelu_weight(v, weight)
+    if g.dtype == torch.bool:
+        return torch.where(g, v, v * w)
+    return v * _slope(g, w)
 
 
 @fx_leaf
 def gate_hardtanh(v: Tensor, g: Tensor, lo: float, hi: float) -> Tensor:
     g0, g1 = g[0], g[1]
+    if g.dtype == torch.bool:
+        return torch.where(g1, hi, torch.where(g0, v, lo))
     return (g0 - g1) * v + ((1 - g0) * lo + g1 * hi)
 
 
 @fx_leaf
 def gate_hardtanh_(v: Tensor, g: Tensor, lo: float, hi: float) -> Tensor:
     g0, g1 = g[0], g[1]
+    if g.dtype == torch.bool:
+        return v.copy_(torch.where(g1, hi, torch.where(g0, v, lo)))
     return v.mul_(g0 - g1).add_((1 - g0) * lo + g1 * hi)
 
 
 @fx_leaf
 def gate_maxpool(v: Tensor, g: Tensor, ndim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...],
                  padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool) -> Tensor:
-    """Max-pool gate: ``g`` holds arg-max indices (hard) or window weights (soft)."""
+    """Max-pool gate: ``g`` holds per-plane arg-max indices (hard) or window weights (soft)."""
     if not g.is_floating_point():
+        if _FORM.get() == "portable":
+            return maxpool_gate.select_chain(v, g, PoolGeometry(ndim, kernel_size, stride, padding, dilation,
+                                                                ceil_mode))
         return v.flatten(-ndim).gather(-1, g.flatten(-ndim)).view(g.shape)
     geo = PoolGeometry(ndim, kernel_size, stride, padding, dilation, ceil_mode)
     return (pool_windows(v, geo, 0.0) * g).sum(2)
@@ -212,7 +278,8 @@ def pool_windows(x: Tensor, geo: PoolGeometry, fill: float) -> Tensor:
     if nd == 2:
         cols = F.unfold(x, geo.kernel_size, dilation=geo.dilation, stride=geo.stride)
         positions = [(x.shape[2 + i] - spans[i]) // geo.stride[i] + 1 for i in range(2)]
-        return cols.view(n, c, -1, *positions)[:, :, :, :out[0], :out[1]]
+        k = geo.kernel_size[0] * geo.kernel_size[1]  # not -1: a batch of 0 has no elements to infer it from
+        return cols.view(n, c, k, *positions)[:, :, :, :out[0], :out[1]]
     for i in range(nd):
         x = x.unfold(2 + i, spans[i], geo.stride[i]).narrow(2 + i, 0, out[i])
         if geo.dilation[i] > 1:

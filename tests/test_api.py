@@ -29,8 +29,9 @@ SIGNATURES = {
                 "None, **options: 'Any') -> 'FinetuneResult'",
     "export_onnx": "(dlgn: 'DLGN', path: 'str | os.PathLike', example_inputs: 'torch.Tensor | "
                    "Sequence[torch.Tensor]', *, dynamic_batch: 'bool' = True, opset: 'int | None' = None, split: "
-                   "'bool' = False, gates_output: 'bool' = False, verify: 'bool' = True, verify_batch: 'int | None' "
-                   "= None, rtol: 'float | None' = None, gate_tol: 'float | None' = None, custom_translations: "
+                   "'bool' = False, gates_output: 'bool' = False, portable: 'bool' = False, dtype: 'torch.dtype | "
+                   "ExportDType | None' = None, verify: 'bool' = True, verify_batch: 'int | None' = None, rtol: "
+                   "'float | None' = None, gate_tol: 'float | None' = None, custom_translations: "
                    "'dict[Callable, Callable] | None' = None, seed: 'int' = 0) -> 'ExportReport'",
     "load": "(path: 'str | os.PathLike', map_location: 'str | torch.device' = 'cpu') -> 'DLGN'",
 }

@@ -1,5 +1,9 @@
-"""Gate arithmetic against closed forms: each hard gate applied to v == q reproduces its activation."""
+"""Gate arithmetic against closed forms: each hard gate applied to v == q reproduces its activation, bit for bit
+and for every float (infinities, NaN, signed zeros, subnormals); the max-pool gate's formulations against
+PyTorch's own max-pool indices."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -81,8 +85,11 @@ def test_hardtanh_closed_form_including_ties(lo, hi):
 
 
 def test_soft_gates_are_sigmoids_and_hard_gates_are_steps():
+    q = torch.tensor([-1.0, 0.0, -0.0, 2.0, math.nan, -math.inf, math.inf])
+    hard = G.step(q, 5.0, True)
+    assert hard.dtype == torch.bool
+    assert hard.tolist() == [False, False, False, True, True, False, True]  # off unless q <= 0 fails: NaN is on
     q = torch.tensor([-1.0, 0.0, 2.0])
-    assert torch.equal(G.step(q, 5.0, True), torch.tensor([0.0, 0.0, 1.0]))
     assert torch.allclose(G.step(q, 5.0, False), torch.sigmoid(5 * q))
     g = G.make_gate(GateSpec("hardtanh", lo=0.0, hi=6.0), q, 2.0, hard=False)
     assert torch.allclose(g, torch.stack([torch.sigmoid(2 * q), torch.sigmoid(2 * (q - 6))]))
@@ -112,3 +119,81 @@ def test_gradcheck_soft_maxpool():
 def test_pool_geometry_rejects_bad_arity():
     with pytest.raises(ValueError, match="expected 2 values"):
         PoolGeometry.make(2, (2, 2, 2))
+
+
+SPECIAL = torch.tensor([-math.inf, -3e38, -2.5, -1.0, -1e-40, -0.0, 0.0, 1e-45, 1e-40, 0.5, 1.0, 1.5, 6.0, 7.0,
+                        3e38, math.inf, math.nan])
+
+
+def _same(a, b):
+    """Bit-level agreement up to the sign of zero: equal values, NaN where the reference has NaN."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_hard_gates_reproduce_every_activation_at_every_float(dtype):
+    """With v == q each hard gate equals the activation itself for every float: where the gate is off the value's
+    infinity is not multiplied by 0 (relu(-inf) = 0, hardtanh(+-inf) = hi/lo), NaN passes as NaN, and a
+    LeakyReLU of slope 0 gives NaN at -inf exactly as the source does (-inf * 0)."""
+    q = SPECIAL.to(dtype)
+    assert _same(G.gate_relu(q, _hard("relu", q)), F.relu(q))
+    assert _same(G.gate_relu_(q.clone(), _hard("relu", q)), F.relu(q))
+    for a in (0.0, 0.1, 2.0):
+        assert _same(G.gate_leaky_relu(q, _hard("leaky_relu", q), a), F.leaky_relu(q, a))
+        assert _same(G.gate_leaky_relu_(q.clone(), _hard("leaky_relu", q), a), F.leaky_relu(q, a))
+    for w in (torch.tensor([0.0]), torch.tensor([0.25])):
+        assert _same(G.gate_prelu(q, _hard("prelu", q), w.to(dtype)), F.prelu(q, w.to(dtype)))
+    for lo, hi in ((0.0, 6.0), (-1.0, 1.0), (-2.5, 1.5)):
+        g = _hard("hardtanh", q, lo=lo, hi=hi)
+        assert g.dtype == torch.bool and g.shape == (2, q.numel())
+        assert _same(G.gate_hardtanh(q, g, lo, hi), F.hardtanh(q, lo, hi))
+        assert _same(G.gate_hardtanh_(q.clone(), g, lo, hi), F.hardtanh(q, lo, hi))
+
+
+def _pool_inputs(nd, seed):
+    """Random values, then heavy ties, ties with infinities, an all -inf tensor and NaNs."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 3) + (7, 8, 9)[:nd]
+    ints = torch.randint(-2, 2, shape, generator=g).double()
+    with_inf = ints.clone()
+    with_inf[ints == -2], with_inf[ints == 1] = -math.inf, math.inf
+    with_nan = ints.clone()
+    with_nan[ints == 0] = math.nan
+    return {"random": torch.randn(shape, generator=g, dtype=torch.float64), "ties": ints, "infinities": with_inf,
+            "all -inf": torch.full(shape, -math.inf, dtype=torch.float64), "nan": with_nan}
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES + [(2, 5, 3, 2, 1, True), (2, 3, 3, 1, 2, False), (1, 4, 1, 2, 1, False)])
+def test_maxpool_gate_forms_equal_pytorch_indices(geo):
+    """Every formulation of the hard max-pool gate gives PyTorch's own max-pool indices (first maximum in scan
+    order, the last NaN, never padding, the first position inside the input for an all -inf window); the
+    equality formulation is exact except with NaN. The value network's read (gather, or the select chain of the
+    portable form) is the element at the index."""
+    nd, k, s, p, d, c = geo
+    spec = GateSpec("maxpool", pool=PoolGeometry.make(nd, k, s, p, d, c))
+    gp = spec.pool
+    args = (nd, gp.kernel_size, gp.stride, gp.padding, gp.dilation, gp.ceil_mode)
+    for name, x in _pool_inputs(nd, 3).items():
+        ref = G._max_pool_fn(nd)(x, k, s, p, d, c, return_indices=True)[1]
+        v = torch.randn_like(x)
+        picked = v.flatten(2).gather(2, ref.flatten(2)).view(ref.shape)
+        for form in ("eager", "portable", "onnx"):
+            with G.gate_form(form):
+                g = G.make_gate(spec, x, 1.0, hard=True)
+                out = G.gate_maxpool(v, ref, *args)
+            if form != "onnx" or name != "nan":
+                assert g.dtype == torch.int64 and torch.equal(g, ref), (form, name)
+            else:  # inside the window all the same
+                assert ((g >= 0) & (g < x[0, 0].numel())).all()
+            assert torch.equal(out, picked), (form, name)
+
+
+def test_gate_form_is_checked_and_restored():
+    with pytest.raises(ValueError, match="gate form"):
+        with G.gate_form("fast"):
+            pass
+    with G.gate_form("portable"):
+        with G.gate_form("onnx"):
+            assert G._FORM.get() == "onnx"
+        assert G._FORM.get() == "portable"
+    assert G._FORM.get() == "eager"

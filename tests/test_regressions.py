@@ -260,3 +260,49 @@ def test_out_keyword_write_is_kept():
         ref = model(x)
         d = relu2dlgn.convert(model, mode="dgn").eval()
         assert torch.equal(d(x), ref)
+
+
+class _Overflowing(nn.Module):
+    """Half precision, with weights that overflow pre-activations to +-inf: relu(-inf) = 0 and hardtanh(+-inf) =
+    +-1 in the source, so its output is a finite number."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(4, 1)
+        self.relu, self.ht = nn.ReLU(), nn.Hardtanh(-1.0, 1.0)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [-1e4, 0.0]]))
+            self.fc2.weight.copy_(torch.tensor([[1e4, 0.0], [-1e4, 0.0]]))
+            for fc in (self.fc1, self.fc2):
+                fc.bias.zero_()
+            self.out.weight.fill_(1.0)
+            self.out.bias.zero_()
+
+    def forward(self, x):
+        return self.out(torch.cat([self.relu(self.fc1(x)), self.ht(self.fc2(x))], 1))
+
+
+def test_dgn_reproduces_the_source_at_infinite_pre_activations():
+    """Found by another issue: in half precision a pre-activation overflowed to -inf, and the DGN applied its gate as
+    ``v * 1(q > 0)`` = ``-inf * 0`` = NaN where the source's relu gives 0 (likewise hardtanh at +-inf). Hard gates
+    are now boolean and applied with ``where``, which selects the piece instead of multiplying by it."""
+    model = _Overflowing().half().eval()
+    x = torch.tensor([[10.0, 1.0]], dtype=torch.half)
+    with torch.no_grad():
+        q = model.fc1(x)
+        assert torch.isinf(q).any() and torch.isinf(model.fc2(x)).all()
+        ref = model(x)
+        assert torch.isfinite(ref).all()
+        dgn = relu2dlgn.convert(model, mode="dgn", value_input="input").eval()
+        assert torch.equal(dgn(x), ref)
+
+
+def test_train_mode_batch_of_zero_examples():
+    """Found by another issue: a batch of 0 examples in train mode crashed the soft max-pool gate (pool_windows
+    viewed 0 elements with an inferred -1 axis). It now returns an empty output, as the source network does."""
+    from _models import TinyNet
+    model = TinyNet().eval()
+    dlgn = relu2dlgn.convert(model, example_inputs=(torch.randn(2, 3, 16, 16),)).train()
+    x = torch.randn(0, 3, 16, 16)
+    out = dlgn(x)
+    assert out.shape == model.train()(x).shape == (0, 10)

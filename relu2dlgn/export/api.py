@@ -3,12 +3,13 @@
 that the command line sets."""
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import torch
 from torch.utils import _pytree as pytree
@@ -26,19 +27,22 @@ from .torch_export import EXPORTER, batch_axes
 from .verify import check_and_verify
 
 __all__ = ["export_onnx", "split_paths", "ExportOptions", "example_inputs_for", "DEFAULT_RTOL", "DEFAULT_GATE_TOL",
-           "default_tolerances"]
+           "default_tolerances", "ExportDType"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RTOL = 1e-4      # float32 and float64 models
 DEFAULT_GATE_TOL = 1e-4
-_EPS_FACTOR = 10         # lower precision: this many machine epsilons of the model's dtype
+_EPS_FACTOR = 10         # lower precision: this many machine epsilons of the exported dtype
+
+ExportDType = Literal["float32", "float16"]
+"""The precisions :func:`export_onnx` writes (``dtype=``; also as ``torch.float32`` / ``torch.float16``)."""
 
 
 def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """``(rtol, gate_tol)`` that :func:`export_onnx` uses for a model of ``dtype`` unless told otherwise:
-    :data:`DEFAULT_RTOL` / :data:`DEFAULT_GATE_TOL` for float32 and float64, and 10 machine epsilons for a
-    lower precision (float16: 9.8e-3, bfloat16: 7.8e-2), whose resolution alone exceeds 1e-4 of max|y|."""
+    """``(rtol, gate_tol)`` that :func:`export_onnx` verifies a model of ``dtype`` with unless told otherwise:
+    :data:`DEFAULT_RTOL` / :data:`DEFAULT_GATE_TOL` for float32 and float64, and 10 machine epsilons for a lower
+    precision (float16: 9.8e-3), whose resolution alone exceeds 1e-4 of max|y|."""
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     return max(DEFAULT_RTOL, _EPS_FACTOR * eps), max(DEFAULT_GATE_TOL, _EPS_FACTOR * eps)
 
@@ -52,6 +56,9 @@ class ExportOptions:
     split: bool = option(False, "write a gating file and a value file (X.gating.onnx, X.value.onnx)")
     opset: int | None = option(None, "ONNX opset (default: the exporter's)", check=at_least(1))
     gates_output: bool = option(False, "also output the gates (gate_0, gate_1, ...)")
+    portable: bool = option(False, "only ops that TensorRT and onnxruntime's CUDA provider accelerate: no MaxPool "
+                                   "indices, gathers or ArgMax (default: the form fastest on onnxruntime's CPU)")
+    dtype: ExportDType | None = option(None, "precision of the exported model (default: the model's)")
     dynamic_batch: bool = option(True, "symbolic batch axis; --no-dynamic-batch fixes it to the traced batch")
     verify: bool = option(True, "check with onnx.checker and compare onnxruntime with PyTorch (--no-verify: skip)")
     batch: int = option(2, "batch size of the example input to trace with", check=at_least(1))
@@ -99,6 +106,8 @@ def export_onnx(
     opset: int | None = None,
     split: bool = False,
     gates_output: bool = False,
+    portable: bool = False,
+    dtype: torch.dtype | ExportDType | None = None,
     verify: bool = True,
     verify_batch: int | None = None,
     rtol: float | None = None,
@@ -130,16 +139,27 @@ def export_onnx(
             ``"ones"`` it uses the inputs' shape only) for ``path`` = ``X.onnx``; see :func:`split_paths`.
             Feeding the gating file's outputs to the value file computes what the fused file computes.
         gates_output: also output the gates as ``gate_0 ... gate_{n-1}`` (fused file), exactly what
-            ``dlgn.eval().gates(x)`` returns: float 0/1 masks for ReLU/LeakyReLU/PReLU sites, a stacked
-            ``[2, N, ...]`` mask pair (``q > lo``, ``q > hi``) for ReLU6/Hardtanh, int64 per-plane arg-max
-            indices for max-pool sites.
+            ``dlgn.eval().gates(x)`` returns: boolean masks for ReLU/LeakyReLU/PReLU sites (on unless ``q <= 0``), a
+            stacked ``[2, N, ...]`` boolean pair (``not q <= lo``, ``q > hi``) for ReLU6/Hardtanh, int64 per-plane
+            arg-max indices for max-pool sites.
+        portable: write only ops that TensorRT and onnxruntime's CUDA provider accelerate (see README, "ONNX
+            export"): max-pool gates as the compare-and-select chain (``Pad``, ``Slice``, ``Greater``, ``IsNaN``,
+            ``Or``, ``Where``, ``Equal``; no ``MaxPool`` indices, gathers or ``ArgMax``) and every gate applied with
+            ``Where``, exact for every float. The default instead writes the form fastest on onnxruntime's CPU
+            provider: max-pool gates by equality with the window maximum read with ``GatherElements``, and in
+            float32 the gate applications of :func:`~relu2dlgn.export.passes.onnxruntime_cpu_gates` (exact for
+            finite values; NaN pre-activations and infinite values excepted).
+        dtype: precision of the exported graph (``torch.float16`` / ``"float16"``, or float32); default the
+            model's. A copy of the model in that precision is exported and verified (``dlgn`` is not changed);
+            gates are decided on that precision's pre-activations (see README, "Half precision"). A graph in a
+            precision other than float32 always has the portable form.
         verify: check the written model (see below); ``False`` skips the check.
         verify_batch: batch size of the verification batch (default: the traced batch + 1; with
             ``dynamic_batch=False`` it must be, and defaults to, the traced batch).
-        rtol: tolerance of the value-network check, relative to max |output| (default ``None``: by the model's
-            dtype, see :func:`default_tolerances`: 1e-4 for float32/float64, 10 machine epsilons below).
+        rtol: tolerance of the value-network check, relative to max |output| (default ``None``: by the exported
+            dtype, :func:`default_tolerances`: 1e-4 for float32, 9.8e-3 for float16).
         gate_tol: how close to a tie a gate that differs between backends must be, relative to max |q| of
-            its site (default ``None``: by the model's dtype, as ``rtol``).
+            its site (default ``None``: by the exported dtype, as ``rtol``).
         custom_translations: passed to torch.onnx as ``custom_translation_table`` ({torch op: onnxscript
             function}) for ops without a built-in ONNX lowering.
         seed: seed of the verification batch.
@@ -183,6 +203,7 @@ def export_onnx(
     """
     start = time.perf_counter()
     _check_opset(opset)
+    dlgn, example_inputs = _in_dtype(dlgn, example_inputs, dtype)
     examples, verify_batch = _checked_examples(dlgn, example_inputs, dynamic_batch, verify_batch)
     by_dtype = default_tolerances(dlgn.dtype)
     rtol = by_dtype[0] if rtol is None else rtol
@@ -193,7 +214,7 @@ def export_onnx(
     with files.staged(targets) as stage:
         with eval_mode(dlgn):
             exported = _export_parts(dlgn, examples, targets, split=split, gates_output=gates_output,
-                                     dynamic_batch=dynamic_batch, opset=opset,
+                                     portable=portable, dynamic_batch=dynamic_batch, opset=opset,
                                      custom_translations=custom_translations, timings=timings)
             described = files.write(exported.protos, stage, dlgn, timings)
             with_gates = None
@@ -212,7 +233,27 @@ def export_onnx(
                         num_sites=len(dlgn.sites), dynamic_batch=dynamic_batch,
                         example_shapes=[tuple(x.shape) for x in examples], gates_output=gates_output and not split,
                         split=split, exporter=EXPORTER, seconds=time.perf_counter() - start,
-                        verification=verification, timings=timings)
+                        verification=verification, timings=timings, portable=portable,
+                        dtype=str(dlgn.dtype).replace("torch.", ""))
+
+
+def _in_dtype(dlgn: DLGN, example_inputs: Any, dtype: torch.dtype | str | None) -> tuple[DLGN, Any]:
+    """The model and its floating-point example inputs in ``dtype`` (a copy of the model when it differs)."""
+    if dtype is None:
+        return dlgn, example_inputs
+    names = {"float32": torch.float32, "float16": torch.float16}
+    target = names.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if target not in names.values():
+        raise OptionError(f"dtype must be one of {', '.join(get_args(ExportDType))} (or torch.float32 / "
+                          f"torch.float16), got {dtype!r}")
+    if not isinstance(dlgn, DLGN) or dlgn.dtype == target:
+        converted = dlgn
+    else:
+        converted = copy.deepcopy(dlgn).to(target)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    return converted, tuple(x.to(target) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                            for x in example_inputs)
 
 
 def _check_opset(opset: int | None) -> None:
@@ -269,8 +310,8 @@ class _Exported:
 
 
 def _export_parts(dlgn: DLGN, examples: tuple[torch.Tensor, ...], targets: list[str], *, split: bool,
-                  gates_output: bool, dynamic_batch: bool, opset: int | None, custom_translations: dict | None,
-                  timings: dict[str, float]) -> _Exported:
+                  gates_output: bool, portable: bool, dynamic_batch: bool, opset: int | None,
+                  custom_translations: dict | None, timings: dict[str, float]) -> _Exported:
     """Export the fused model, or the gating and value parts (``split``); ``dlgn`` is in eval mode."""
     input_names = unique_names([s.name for s in dlgn.input_specs])
     gate_names = [f"gate_{i}" for i in range(len(dlgn.sites))]
@@ -290,8 +331,12 @@ def _export_parts(dlgn: DLGN, examples: tuple[torch.Tensor, ...], targets: list[
     out_names = output_names(example.output)
     batch = torch.export.Dim("batch") if dynamic_batch else None
     in_shapes = tuple({0: batch} for _ in examples) if batch is not None else None
+    # The default form is for float32 on onnxruntime's CPU provider: its max-pool gate compares the window maximum
+    # with the window's elements, which needs both computed in one precision, and onnxruntime runs a float16 graph
+    # in float32 between casts it inserts where it lacks float16 kernels; other precisions get the portable form.
+    portable = portable or dlgn.dtype != torch.float32
     export = functools.partial(torch_export.export_part, opset=opset, custom_translations=custom_translations,
-                               files=graph_files(dlgn), timings=timings)
+                               files=graph_files(dlgn), timings=timings, portable=portable)
     if split:
         ep, gating = export(ExportModule(dlgn, "gating"), examples, in_shapes, input_names, gate_names,
                             what="gating graph")

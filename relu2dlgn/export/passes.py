@@ -1,12 +1,12 @@
-"""Edits of the exported ONNX graph: removing outputs (and the nodes only they needed), and the cheaper
-per-plane max-pool index offsets."""
+"""Edits of the exported ONNX graph: removing outputs (and the nodes only they needed), and the gate forms for
+onnxruntime's CPU provider (onnxscript rewrite rules)."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["strip_outputs", "cheap_pool_offsets"]
+__all__ = ["strip_outputs", "onnxruntime_cpu_gates"]
 
 
 def strip_outputs(model_proto: Any, names: set[str]) -> Callable[[], None]:
@@ -41,76 +41,93 @@ def strip_outputs(model_proto: Any, names: set[str]) -> Callable[[], None]:
 
 
 # --------------------------------------------------------------------------------------------------
-# cheaper per-plane max-pool indices: an onnxscript rewrite rule
+# onnxruntime's CPU provider: gate applications without Where (onnxscript rewrite rules)
 # --------------------------------------------------------------------------------------------------
 #
-# torchlib turns ONNX's MaxPool indices (flat over the whole tensor) into PyTorch's per-plane ones by running a
-# second MaxPool (kernel 1, with indices) over the whole input and slicing out the offset of each plane:
+# A hard gate is applied as ``Where(gate, v, 0)`` (see relu2dlgn.gates), exact for every float. On onnxruntime's CPU
+# provider that form is slow twice over: its Where kernel is ~40x slower than Mul (measured: 1.4 ms against 33 us
+# for 64x56x56 floats), and none of LessOrEqual, Not or Where runs in the blocked NCHWc layout of its convolutions,
+# so every gate also pays NCHWc <-> NCHW reorders of q, v and the gated value. The rules below rewrite, in a
+# float32 graph:
 #
-#     _, indices = MaxPool(x, kernel_shape=[1, ...])       # its values output unused
-#     offsets = Slice(indices, starts=[0, ...], ends=[1, ...], axes=[2, ...])
+# * the ReLU-family gate of a 4-d q, ``Where(Not(LessOrEqual(q, 0)), v, 0)``, into
+#   ``Mul(v, HardSigmoid(Conv(q, 2^127 per channel, group=C), alpha=2^127, beta=0))``: onnxruntime fuses the
+#   depthwise 1x1 Conv and the HardSigmoid into one NCHWc kernel and runs the Mul in NCHWc too, so the gate costs
+#   two passes and no reorder. The mask is ``clip(2^254 q, 0, 1)`` = ``1(q > 0)`` exactly for every q but NaN:
+#   the smallest positive float32, 2^-149, scales to 2^105 >= 1, and overflow to +inf still clips to 1;
+# * every other float ``Where(c, x, y)`` into ``x * Cast(c) + y * Cast(Not(c))`` (``x * Cast(c)`` for y = 0).
 #
-# That pass is a quarter to a third of a max-pool gate's time in onnxruntime. The rule below replaces it by the
-# offsets' arithmetic, ``(n * C + c) * prod(spatial)`` shaped [N, C, 1, ...]. The matcher only replaces nodes whose
-# other outputs are unused (the kernel-1 MaxPool's values, and its indices outside the Slice), which is the
-# condition under which the MaxPool may go.
+# Both are exact for finite values; an infinite value where the gate is off gives NaN (``inf * 0``) where PyTorch
+# gives 0, and a NaN pre-activation gives NaN. Float16 graphs keep Where (fp16 overflows readily, and 2^127 is not
+# an fp16 number); ``export_onnx(portable=True)`` applies none of this.
 
-def _pool_offsets_target(op: Any, x: Any, starts: Any, ends: Any, axes: Any) -> Any:
-    _, indices = op.MaxPool(x, _outputs=2)
-    return op.Slice(indices, starts, ends, axes, _allow_other_inputs=True, _outputs=["offsets"])
+_GATE_SCALE = 2.0 ** 127
 
 
-def _ints(value: Any) -> list[int] | None:
+def _scalar(value: Any) -> float | None:
     from onnxscript import ir
 
     tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
+    if tensor is None or tensor.size != 1:
+        return None
+    return float(tensor.numpy().reshape(-1)[0])
 
 
-def _pool_offsets_condition(context: Any, x: Any, starts: Any, ends: Any, axes: Any, offsets: Any, **_: Any) -> bool:
-    """The MaxPool has kernel, strides 1 and no padding; the Slice takes element 0 of every spatial axis."""
-    if context.model.opset_imports.get("", 0) < 18:
-        return False
-    slice_node = offsets.producer()
-    attrs = slice_node.inputs[0].producer().attributes
-    kernel = list(attrs.get_ints("kernel_shape", ()))
-    nd = len(kernel)
-    if not nd or kernel != [1] * nd or list(attrs.get_ints("strides", [1] * nd)) != [1] * nd or \
-            any(attrs.get_ints("pads", [0] * 2 * nd)) or attrs.get_int("storage_order", 0) != 0:
-        return False
-    steps = slice_node.inputs[4] if len(slice_node.inputs) > 4 else None
-    steps_ints = _ints(steps) if steps is not None else [1] * nd
-    starts_ints, ends_ints, axes_ints = _ints(starts), _ints(ends), _ints(axes)
-    if None in (starts_ints, ends_ints, axes_ints, steps_ints):
-        return False
-    return sorted(a % (nd + 2) for a in axes_ints) == list(range(2, nd + 2)) and starts_ints == [0] * nd and \
-        ends_ints == [1] * nd and steps_ints == [1] * nd
-
-
-def _pool_offsets_replacement(op: Any, x: Any, axes: Any, **_: Any) -> Any:
+def _is_float32(value: Any) -> bool:
     from onnxscript import ir
 
-    def int64(values: Any) -> Any:
-        return op.Constant(value=ir.tensor(np.array(values, dtype=np.int64)))
-
-    nc = op.Shape(x, start=0, end=2)
-    plane = op.ReduceProd(op.Shape(x, start=2), keepdims=0)
-    planes = op.ReduceProd(nc, keepdims=0)
-    flat = op.Mul(op.Range(int64(0), planes, int64(1)), plane)
-    return op.Reshape(flat, op.Concat(nc, int64([1] * len(_ints(axes))), axis=0))
+    return value.dtype == ir.DataType.FLOAT
 
 
-def cheap_pool_offsets(model: Any) -> int:
-    """Replace torchlib's per-plane index offsets of max-pool gates (a second, kernel-1 MaxPool) by arithmetic,
-    in place in an ``onnx_ir`` model (opset >= 18). Returns how many were replaced."""
-    from onnxscript.ir.passes.common import RemoveUnusedNodesPass
+def _relu_gate_target(op: Any, q: Any, zero: Any, v: Any, off: Any) -> Any:
+    return op.Where(op.Not(op.LessOrEqual(q, zero)), v, off)
+
+
+def _relu_gate_condition(context: Any, q: Any, zero: Any, v: Any, off: Any, **_: Any) -> bool:
+    """A float32 NCHW q with a known channel count, gated at 0, the value set to 0 where the gate is off."""
+    shape = q.shape
+    return (_scalar(zero) == 0.0 and _scalar(off) == 0.0 and _is_float32(q) and _is_float32(v)
+            and shape is not None and len(shape) == 4 and isinstance(shape[1], int))
+
+
+def _relu_gate_replacement(op: Any, q: Any, v: Any, **_: Any) -> Any:
+    from onnxscript import ir
+
+    channels = q.shape[1]
+    scale = op.Constant(value=ir.tensor(np.full((channels, 1, 1, 1), _GATE_SCALE, dtype=np.float32)))
+    mask = op.HardSigmoid(op.Conv(q, scale, group=channels), alpha=_GATE_SCALE, beta=0.0)
+    return op.Mul(v, mask)
+
+
+def _where_target(op: Any, cond: Any, x: Any, y: Any) -> Any:
+    return op.Where(cond, x, y)
+
+
+def _where_condition(context: Any, cond: Any, x: Any, y: Any, **_: Any) -> bool:
+    return _is_float32(x) and _is_float32(y)
+
+
+def _where_replacement(op: Any, cond: Any, x: Any, y: Any) -> Any:
+    from onnxscript import ir
+
+    on = op.Mul(x, op.Cast(cond, to=ir.DataType.FLOAT))
+    if _scalar(y) == 0.0:
+        return on
+    return op.Add(on, op.Mul(y, op.Cast(op.Not(cond), to=ir.DataType.FLOAT)))
+
+
+def onnxruntime_cpu_gates(model: Any) -> tuple[int, int]:
+    """Rewrite the gate applications of a float32 ``onnx_ir`` model for onnxruntime's CPU provider, in place (see
+    the comment above). Returns how many ReLU-family gates became NCHWc masks and how many Where nodes
+    arithmetic."""
     from onnxscript.rewriter import pattern
 
-    rule = pattern.RewriteRule(_pool_offsets_target, _pool_offsets_replacement, _pool_offsets_condition)
-    count = pattern.RewriteRuleSet([rule]).apply_to_model(model)
-    if count:
-        RemoveUnusedNodesPass()(model)  # the Slice's constant starts / ends / axes
-    return count
+    relu = pattern.RewriteRule(_relu_gate_target, _relu_gate_replacement, _relu_gate_condition, remove_nodes=False,
+                               name="relu_gate_nchwc")
+    where = pattern.RewriteRule(_where_target, _where_replacement, _where_condition, name="where_arithmetic")
+    masks = pattern.RewriteRuleSet([relu]).apply_to_model(model)
+    selects = pattern.RewriteRuleSet([where]).apply_to_model(model)
+    return masks, selects
 
 
 def _subgraph_inputs(node: Any) -> set[str]:

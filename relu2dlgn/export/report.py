@@ -105,6 +105,8 @@ class ExportReport:
     seconds: float
     verification: Verification | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    portable: bool = False
+    dtype: str = "float32"
 
     @property
     def path(self) -> str:
@@ -132,7 +134,8 @@ class ExportReport:
         steps = ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items())
         lines = [f"relu2dlgn ONNX export ({self.exporter}, {self.seconds:.1f} s{': ' + steps if steps else ''}): "
                  f"mode={self.mode} "
-                 f"value_input={self.value_input} pool={self.pool}, {self.num_sites} gate sites, "
+                 f"value_input={self.value_input} pool={self.pool}, {self.dtype}, "
+                 f"{'portable' if self.portable else 'onnxruntime-CPU'} gate forms, {self.num_sites} gate sites, "
                  f"traced at {shapes}, batch axis {'dynamic' if self.dynamic_batch else 'static'}"]
         for f in self.files:
             ops = ", ".join(f"{k} {v}" for k, v in sorted(f.ops.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -26,10 +26,11 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
+from .. import gates
 from ..errors import ExportError
 from . import diagnostics
 from .module import ExportModule
-from .passes import cheap_pool_offsets
+from .passes import onnxruntime_cpu_gates
 
 __all__ = ["EXPORTER", "MIN_OPSET", "supported_opsets", "export_part", "batch_axes"]
 
@@ -63,14 +64,18 @@ def _quiet() -> Iterator[None]:
 
 def export_part(module: ExportModule, args: tuple, dynamic_shapes: tuple | None, input_names: list[str],
                 output_names: list[str], *, what: str, opset: int | None, custom_translations: dict | None,
-                files: diagnostics.GraphFiles, timings: dict[str, float]) -> tuple[Any, Any]:
+                files: diagnostics.GraphFiles, timings: dict[str, float], portable: bool = False) -> tuple[Any, Any]:
     """torch.export the module, then translate the ExportedProgram to an ONNX ModelProto: ``(ep, proto)``.
+
+    ``portable``: hard max-pool gates as the compare-and-select chain and nothing rewritten (ops every major runtime
+    accelerates); otherwise the form for onnxruntime's CPU provider: max-pool gates by equality with the window
+    maximum and, in float32, :func:`~relu2dlgn.export.passes.onnxruntime_cpu_gates`.
 
     Raises :class:`ExportError` when either step fails, or when the model written has another opset than the
     ``opset`` asked for (torch.onnx falls back to its own when a version conversion fails)."""
     tick = time.perf_counter()
     try:
-        with _quiet():
+        with _quiet(), gates.gate_form("portable" if portable else "onnx"):
             ep = torch.export.export(module, args, strict=False,
                                      dynamic_shapes=None if dynamic_shapes is None else (dynamic_shapes,))
     except Exception as exc:
@@ -86,9 +91,9 @@ def export_part(module: ExportModule, args: tuple, dynamic_shapes: tuple | None,
                                         verbose=False)
     except Exception as exc:
         raise diagnostics.translation_failure(exc, files, what=what) from exc
-    replaced = cheap_pool_offsets(program.model)
-    if replaced:
-        logger.debug("%s: %d max-pool index offsets computed arithmetically", what, replaced)
+    if not portable:
+        masks, selects = onnxruntime_cpu_gates(program.model)
+        logger.debug("%s: %d gates as NCHWc masks, %d Where as arithmetic", what, masks, selects)
     proto = program.model_proto
     if opset is not None and _written_opset(proto) != opset:
         lo, hi = supported_opsets()

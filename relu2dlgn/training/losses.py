@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..gates import GateSpec, pool_windows
+from ..gates import GateSpec, make_gate, pool_windows
+from ..maxpool_gate import window_flat_indices as _window_flat
 from ..sites import GateSite
 from .config import DistillOptions
 
@@ -36,40 +37,65 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
                     reduction="batchmean", log_target=True) * (t * t)
 
 
-def site_gate_terms(spec: GateSpec, q: torch.Tensor, q_teacher: torch.Tensor, beta: float | torch.Tensor, *,
+def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta: float | torch.Tensor, *,
                     loss: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, int]:
-    """One site's gate-agreement loss and agreement count against the teacher's pre-activation ``q^T``.
+    """One site's gate-agreement loss and agreement count against the teacher.
+
+    ``teacher`` is the teacher's pre-activation ``q^T`` at the site, or its hard gate (a teacher made with
+    ``targets=True``: :func:`relu2dlgn.gates.make_gate` with ``hard=True``, i.e. a boolean mask, a stacked pair
+    for hardtanh, per-plane arg-max indices for max-pool).
 
     Loss (see the module docstring): the BCE of the soft gates ``sigmoid(beta (q - c))`` against the teacher's
-    0/1 pattern ``1(q^T > c)`` for each threshold ``c`` of the site (0 for the ReLU family; lo and hi for
-    hardtanh), or for max-pool the cross-entropy of each window's soft-max ``softmax(beta q)`` against the
-    window's teacher arg max. Agreement: the number of hard gate decisions that equal the teacher's (on/off,
-    the linear piece for hardtanh, the arg max for max-pool) and the number of decisions.
+    hard gate for each threshold ``c`` of the site (0 for the ReLU family; lo and hi for hardtanh), or for
+    max-pool the cross-entropy of each window's soft-max ``softmax(beta q)`` against the teacher's arg max,
+    ``logsumexp(beta q_window) - beta q_target``. Agreement: the number of hard gate decisions that equal the
+    teacher's (on/off, the linear piece for hardtanh, the arg max for max-pool) and the number of decisions.
 
     Returns ``(loss or None, agreeing decisions, decisions)``.
     """
-    q, qt = q.float(), q_teacher.float()
+    q = q.float()
+    target = teacher if not teacher.is_floating_point() else make_gate(spec, teacher.float(), 1.0, True)
     if spec.kind in ("relu", "leaky_relu", "prelu", "hardtanh"):
         if spec.kind == "hardtanh":
-            z, target = torch.stack([q - spec.lo, q - spec.hi]), torch.stack([qt > spec.lo, qt > spec.hi])
-            agree = ((z > 0) == target).all(0)
+            z = torch.stack([q - spec.lo, q - spec.hi])
+            agree = (make_gate(spec, q.detach(), 1.0, True) == target).all(0)
         else:
-            z, target = q, qt > 0
-            agree = (z > 0) == target
+            z = q
+            agree = make_gate(spec, q.detach(), 1.0, True) == target
         value = F.binary_cross_entropy_with_logits(beta * z, target.float()) if loss else None
         return value, agree.sum(), agree.numel()
     if spec.kind == "maxpool":
         geo = spec.pool
         assert geo is not None
-        windows, t_windows = pool_windows(q, geo, -math.inf), pool_windows(qt, geo, -math.inf)  # (N, C, K, *O)
-        # max(...).indices: the first maximum like argmax, but several times faster over a non-trailing axis
-        target = t_windows.max(2).indices
-        agree = windows.detach().max(2).indices == target
-        value = None
-        if loss:
-            value = F.cross_entropy((windows * beta).flatten(0, 1), target.flatten(0, 1))
+        if not loss:
+            with torch.no_grad():
+                agree = make_gate(spec, q, 1.0, True) == target
+            return None, agree.sum(), agree.numel()
+        scaled = q * beta
+        windows = pool_windows(scaled, geo, -math.inf)  # (N, C, K, *O)
+        top = windows.detach().amax(2, keepdim=True)
+        with torch.no_grad():  # the student's arg max: the first offset at the window maximum (as max-pool picks)
+            k = windows.shape[2]
+            rank = torch.arange(k, 0, -1, dtype=windows.dtype, device=q.device).view((1, 1, k) + (1,) * geo.ndim)
+            first = (k - torch.where(windows == top, rank, 0.0).amax(2)).long().clamp_(0, k - 1)  # clamp: NaN
+            flat = torch.as_tensor(_window_flat(geo, tuple(q.shape[2:])), device=q.device)
+            agree = flat.expand(q.shape[:2] + flat.shape).gather(2, first.unsqueeze(2)).squeeze(2) == target
+        # cross-entropy of each window's soft-max against the teacher's arg max: logsumexp minus the target's logit
+        lse = top.squeeze(2) + (windows - top).exp().sum(2).log()
+        picked = scaled.flatten(2).gather(2, target.flatten(2)).view(target.shape)
+        value = (lse - picked).mean()
         return value, agree.sum(), agree.numel()
     raise ValueError(f"unknown gate kind {spec.kind!r}")
+
+
+def _gate_shape(spec: GateSpec, q: torch.Tensor) -> tuple[int, ...]:
+    """The shape of a site's hard gate for pre-activation ``q``."""
+    if spec.kind == "hardtanh":
+        return (2,) + tuple(q.shape)
+    if spec.kind == "maxpool":
+        assert spec.pool is not None
+        return tuple(q.shape[:2]) + spec.pool.output_size(q.shape[2:])
+    return tuple(q.shape)
 
 
 def describe_output(out: Any) -> str:
@@ -161,12 +187,14 @@ class Objective:
         """:func:`site_gate_terms` for every matched pair (shapes checked once, naming the site)."""
         if not self._checked:
             for i, j in self.pairs:
-                if qs[i].shape != t_qs[j].shape:
+                expected = tuple(qs[i].shape) if t_qs[j].is_floating_point() else _gate_shape(self.specs[i], qs[i])
+                if tuple(t_qs[j].shape) != expected:
                     s = self.sites[i]
+                    what = "pre-activation" if t_qs[j].is_floating_point() else "gate"
                     raise InputError(f"site {i} ({s.kind} '{s.node}' at {s.module_path or '<root>'}): the DLGN's "
-                                     f"pre-activation has shape {tuple(qs[i].shape)}, the teacher's "
-                                     f"{tuple(t_qs[j].shape)}; the teacher is not the model the DLGN was "
-                                     f"converted from")
+                                     f"pre-activation has shape {tuple(qs[i].shape)}, the teacher's {what} "
+                                     f"{tuple(t_qs[j].shape)} (expected {expected}); the teacher is not the model "
+                                     f"the DLGN was converted from")
             self._checked = True
         return [site_gate_terms(self.specs[i], qs[i], t_qs[j], beta, loss=loss) for i, j in self.pairs]
 

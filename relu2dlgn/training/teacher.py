@@ -1,20 +1,30 @@
-"""The teacher: the source network's output and its pre-activation at every gate site, in one forward pass.
+"""The teacher: the source network's output and, at every gate site, its pre-activation or its hard gate, in one
+forward pass.
 
 Anything that satisfies :class:`Teacher` can teach: :class:`TeacherTap` wraps a source network (what
 ``finetune(dlgn, ..., teacher=model)`` does), :class:`DLGNTeacher` a DLGN or DGN. Sites are matched by the
 source-graph node name (:func:`match_sites`), which a DLGN converted from the same architecture shares.
+
+With ``targets=True`` (what the trainer uses) a teacher returns each site's *hard gate* instead of its
+pre-activation (:func:`relu2dlgn.gates.make_gate`: a boolean mask, a stacked pair for hardtanh, per-plane arg-max
+indices for max-pool): the training targets, computed in the forward pass itself. The tap then needs no copy of
+any pre-activation, and a max-pool site's arg max comes from the source's own max-pool call (called with
+``return_indices=True`` in its place) rather than from a second pass over the windows.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..capture import capture
 from ..dlgn import DLGN
 from ..errors import InputError
+from ..gates import GateSpec, make_gate
 from ..rewrite import alias_analysis, drop_needless_clones
 from ..sites import find_sites
 from ..utils.modes import eval_mode
@@ -22,8 +32,9 @@ from ..utils.modes import eval_mode
 
 @runtime_checkable
 class Teacher(Protocol):
-    """What the trainer reads from a teacher: calling it returns ``(output, pre-activations)``; ``site_nodes``
-    and ``site_kinds`` name and classify its gate sites in the order of the pre-activations."""
+    """What the trainer reads from a teacher: calling it returns ``(output, per-site tensors)`` — pre-activations,
+    or hard gates for a teacher made with ``targets=True``; ``site_nodes`` and ``site_kinds`` name and classify
+    its gate sites in that order."""
 
     site_nodes: Sequence[str]
     site_kinds: Sequence[str]
@@ -41,7 +52,7 @@ class TeacherTap(nn.Module):
     """
 
     def __init__(self, model: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None,
-                 leaf_modules: Iterable[type | str] = ()):
+                 leaf_modules: Iterable[type | str] = (), *, targets: bool = False):
         super().__init__()
         cap = capture(model, example_inputs, leaf_modules)
         sites, _ = find_sites(cap.graph, cap.modules)
@@ -50,10 +61,24 @@ class TeacherTap(nn.Module):
         out = g.graph_copy(cap.graph, val_map)
         captures = []
         for node, c in sites:
-            with g.inserting_before(val_map[node]):
-                captures.append(g.call_method("clone", (val_map[c.input],)))
+            at, q = val_map[node], val_map[c.input]
+            with g.inserting_before(at):
+                if not targets:
+                    captures.append(g.call_method("clone", (q,)))
+                elif c.kind == "maxpool":  # the source's own max-pool, with its indices
+                    p = c.params
+                    pooled = g.call_function(_max_pool_with_indices, (q, p["ndim"], tuple(p["kernel_size"]),
+                                                                      tuple(p["stride"]), tuple(p["padding"]),
+                                                                      tuple(p["dilation"]), bool(p["ceil_mode"])))
+                    captures.append(g.call_function(operator.getitem, (pooled, 1)))
+                    at.replace_all_uses_with(g.call_function(operator.getitem, (pooled, 0)))
+                    g.erase_node(at)
+                else:  # before the site: an in-place activation has not yet overwritten q
+                    captures.append(g.call_function(_hard_gate, (q, c.kind, float(c.params.get("lo", 0.0)),
+                                                                 float(c.params.get("hi", 0.0)))))
         g.output((out, tuple(captures)))
-        drop_needless_clones(g, captures, cap.modules)
+        if not targets:
+            drop_needless_clones(g, captures, cap.modules)
         group, mutations = alias_analysis(g, cap.modules)
         inputs = {group[n] for n in g.nodes if n.op == "placeholder"}
         # a source whose first ops work in place on its input would change the batch the DLGN then sees
@@ -62,6 +87,7 @@ class TeacherTap(nn.Module):
         self.graph_module = fx.GraphModule({t: cap.modules[t] for t in targets}, g, class_name="TeacherTap")
         self.site_nodes = [node.name for node, _ in sites]
         self.site_kinds = [c.kind for _, c in sites]
+        self.targets = targets
 
     def forward(self, *inputs: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, ...]]:
         if self.mutates_input:
@@ -71,33 +97,48 @@ class TeacherTap(nn.Module):
         return out, tuple(qs)
 
 
-class DLGNTeacher(nn.Module):
-    """A DLGN (or DGN) used as teacher: its hard-gate output and its gating pre-activations."""
+def _hard_gate(q: torch.Tensor, kind: str, lo: float, hi: float) -> torch.Tensor:
+    """The hard gate of a ReLU-family or hardtanh site (:func:`relu2dlgn.gates.make_gate`)."""
+    return make_gate(GateSpec(kind, lo, hi), q, 1.0, True)  # type: ignore[arg-type]
 
-    def __init__(self, dlgn: DLGN):
+
+def _max_pool_with_indices(q: torch.Tensor, ndim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...],
+                           padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool) -> Any:
+    """``(values, per-plane arg-max indices)`` of a max-pool site: the indices are its hard gate."""
+    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[ndim]
+    return fn(q, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+
+
+class DLGNTeacher(nn.Module):
+    """A DLGN (or DGN) used as teacher: its hard-gate output and its gating pre-activations (its hard gates with
+    ``targets=True``)."""
+
+    def __init__(self, dlgn: DLGN, *, targets: bool = False):
         super().__init__()
         self.dlgn = dlgn
         self.site_nodes = [s.node for s in dlgn.sites]
         self.site_kinds = [s.kind for s in dlgn.sites]
+        self.targets = targets
 
     def forward(self, *inputs: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, ...]]:
         r = self.dlgn.run(*inputs, hard=True)
-        return r.output, r.pre_activations
+        return r.output, (r.gates if self.targets else r.pre_activations)
 
 
 def make_teacher(teacher: nn.Module, example_inputs: Sequence[torch.Tensor] | None = None,
-                 leaf_modules: Iterable[type | str] = ()) -> Teacher:
-    """Wrap a source network (or a DLGN/DGN) so that calling it returns ``(output, pre-activations)``; a
-    :class:`Teacher` is returned as is. ``leaf_modules`` must be those the DLGN was converted with."""
+                 leaf_modules: Iterable[type | str] = (), *, targets: bool = False) -> Teacher:
+    """Wrap a source network (or a DLGN/DGN) so that calling it returns ``(output, pre-activations)`` — or
+    ``(output, hard gates)`` with ``targets=True``; a :class:`Teacher` is returned as is. ``leaf_modules`` must be
+    those the DLGN was converted with."""
     if isinstance(teacher, (TeacherTap, DLGNTeacher)):
         return teacher
     if isinstance(teacher, DLGN):
-        return DLGNTeacher(teacher)
+        return DLGNTeacher(teacher, targets=targets)
     if not isinstance(teacher, nn.Module):
         if isinstance(teacher, Teacher):
             return teacher
         raise InputError(f"teacher must be an nn.Module (the source network), got {type(teacher).__name__}")
-    return TeacherTap(teacher, example_inputs, leaf_modules)
+    return TeacherTap(teacher, example_inputs, leaf_modules, targets=targets)
 
 
 def match_sites(dlgn: DLGN, teacher_nodes: Sequence[str], teacher_kinds: Sequence[str]) -> list[tuple[int, int]]:

@@ -139,7 +139,7 @@ class Trainer:
                     teacher.to(memory_format=torch.channels_last)
             examples = tuple(to_device(e, self.device) for e in example_inputs) if example_inputs else None
             leaves = getattr(self.model, "leaf_modules", ()) if leaf_modules is None else leaf_modules
-            self.teacher = make_teacher(teacher, examples, leaves)
+            self.teacher = make_teacher(teacher, examples, leaves, targets=True)
             if not isinstance(self.student, DLGNStudent):
                 raise InputError("a teacher's gates can only teach a DLGN; for a plain classifier use distill=False "
                                  "and no teacher")

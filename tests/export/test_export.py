@@ -154,11 +154,16 @@ def test_every_gate_kind(tmp_path, mode, value_input, pool):
     ops = report.files[0].ops
     assert not {"Sigmoid", "Softmax", "Exp"} & set(ops)  # hard gates only
     if mode == "dlgn":  # the gating network is linear: no activation op left anywhere
-        assert not {"Relu", "LeakyRelu", "PRelu", "Clip", "HardSigmoid"} & set(ops)
-    if "maxpool" in kinds:
-        assert ops.get("MaxPool") and ops.get("GatherElements")
-    else:
-        assert "MaxPool" not in ops and "GatherElements" not in ops
+        assert not {"Relu", "LeakyRelu", "PRelu", "Clip"} & set(ops)
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    for node in model.graph.node:  # HardSigmoid only as a 0/1 gate mask that multiplies a value (passes.py)
+        if node.op_type == "HardSigmoid":
+            assert consumers[node.output[0]] == ["Mul"]
+    assert not any(n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1] for n in model.graph.node)
+    assert bool(ops.get("GatherElements")) == ("maxpool" in kinds)  # the max-pool gate's read, default form
 
     for batch in (3, 1):  # dynamic batch: neither is the traced batch
         xb = torch.randn(batch, 3, 17, 17)
@@ -168,7 +173,7 @@ def test_every_gate_kind(tmp_path, mode, value_input, pool):
             if site.kind == "maxpool":
                 assert g.dtype == np.int64
             else:
-                assert g.dtype == np.float32 and set(np.unique(g)) <= {0.0, 1.0}
+                assert g.dtype == np.bool_
                 if site.kind == "hardtanh":
                     assert g.shape[:2] == (2, batch)
 
@@ -325,76 +330,6 @@ def test_shape_guards_are_specialised_at_the_example_shape(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# max-pool gates: one MaxPool (passes.cheap_pool_offsets)
-# --------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("opset", [None, 18])
-def test_max_pool_gate_exports_one_max_pool(tmp_path, monkeypatch, opset):
-    """torchlib derives PyTorch's per-plane indices from a second, kernel-1 MaxPool; the rewrite rule replaces it
-    by arithmetic: the file holds exactly one MaxPool, the gate's, and reproduces PyTorch. Without the rule there
-    are two (if torchlib stops emitting the pattern, this fails and the rule can go)."""
-    x = torch.randn(2, 3, 16, 16)
-    dlgn = relu2dlgn.convert(TinyNet().eval(), example_inputs=(x,))
-    assert [s.kind for s in dlgn.sites].count("maxpool") == 1
-    report = export_onnx(dlgn, tmp_path / "m.onnx", x, gates_output=True, opset=opset)
-    pools = [n for n in onnx.load(tmp_path / "m.onnx").graph.node if n.op_type == "MaxPool"]
-    assert len(pools) == 1 and report.files[0].ops["MaxPool"] == 1
-    assert list(onnx.helper.get_attribute_value(next(a for a in pools[0].attribute if a.name == "kernel_shape"))) \
-        == [2, 2]
-    assert {"Range", "ReduceProd", "GatherElements"} <= set(report.files[0].ops) and report.verification.ok
-    xb = torch.randn(3, 3, 16, 16)
-    res = run(tmp_path / "m.onnx", xb)
-    check_parity(dlgn, (xb,), res[:1], res[1:])
-
-    monkeypatch.setattr(torch_export, "cheap_pool_offsets", lambda model: 0)
-    plain = export_onnx(dlgn, tmp_path / "plain.onnx", x, gates_output=True, opset=opset)
-    assert plain.files[0].ops["MaxPool"] == 2 and "Range" not in plain.files[0].ops
-    for a, b in zip(run(tmp_path / "plain.onnx", xb), res):
-        np.testing.assert_array_equal(a, b)
-
-
-def _offsets_graph(values_used: bool, steps: bool):
-    """torchlib's per-plane offset computation on its own: MaxPool(kernel 1) -> Slice of the indices."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    def ints(name, values):
-        return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
-
-    nodes = [helper.make_node("MaxPool", ["x"], ["values", "indices"], kernel_shape=[1, 1], strides=[1, 1]),
-             helper.make_node("Slice", ["indices", "starts", "ends", "axes"] + (["steps"] if steps else []),
-                              ["offsets"])]
-    outputs = [helper.make_tensor_value_info("offsets", TensorProto.INT64, ["N", 3, 1, 1])]
-    if values_used:
-        outputs.append(helper.make_tensor_value_info("values", TensorProto.FLOAT, ["N", 3, 5, 4]))
-    inits = [ints("starts", [0, 0]), ints("ends", [1, 1]), ints("axes", [2, 3])] + ([ints("steps", [1, 1])]
-                                                                                     if steps else [])
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 4])],
-                              outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-
-
-@pytest.mark.parametrize("values_used,steps", [(False, False), (False, True), (True, False)])
-def test_pool_offsets_rule(values_used, steps):
-    """The rule fires only where the kernel-1 MaxPool can go (its values unused) and gives the same offsets."""
-    from onnxscript import ir
-
-    from relu2dlgn.export.passes import cheap_pool_offsets
-
-    proto = _offsets_graph(values_used, steps)
-    model = ir.serde.deserialize_model(proto)
-    assert cheap_pool_offsets(model) == (0 if values_used else 1)
-    rewritten = ir.serde.serialize_model(model)
-    onnx.checker.check_model(rewritten, full_check=True)
-    ops = [n.op_type for n in rewritten.graph.node]
-    assert ops.count("MaxPool") == (1 if values_used else 0) and ("Slice" in ops) == values_used
-    x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
-    ref = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    got = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    np.testing.assert_array_equal(got[0], ref[0])
-    np.testing.assert_array_equal(got[0].reshape(-1), np.arange(6) * 20)
-
-
-# --------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------
 
@@ -509,7 +444,7 @@ def _flip_one_gate(monkeypatch, dlgn, pick):
                 q = dlgn.gating(torch.from_numpy(feeds["x"]))[0]
             g = res[names.index("gate_0")]
             i = int(pick(q.abs().flatten()))
-            g.flat[i] = 1.0 - g.flat[i]
+            g.flat[i] = not g.flat[i]
         return res
 
     monkeypatch.setattr(export_verify, "run_onnx", flipped)
@@ -665,10 +600,10 @@ def test_export_options_match_export_onnx_and_the_cli():
     from relu2dlgn.options import validate
 
     opts = ExportOptions()
-    assert [f.name for f in dataclasses.fields(opts)] == ["split", "opset", "gates_output", "dynamic_batch", "verify",
-                                                         "batch", "input_size"]
+    assert [f.name for f in dataclasses.fields(opts)] == ["split", "opset", "gates_output", "portable", "dtype",
+                                                         "dynamic_batch", "verify", "batch", "input_size"]
     params = inspect.signature(export_onnx).parameters
-    for name in ("split", "opset", "gates_output", "dynamic_batch", "verify"):
+    for name in ("split", "opset", "gates_output", "portable", "dtype", "dynamic_batch", "verify"):
         assert getattr(opts, name) == params[name].default, name
     args = build_parser().parse_args(["export", "saved", "--out", "m.onnx"])
     assert resolve(ExportCommand, args).export == opts              # the flags' defaults are the options'

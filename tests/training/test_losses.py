@@ -55,3 +55,23 @@ def test_kd_loss_and_schedules():
     assert beta_at(5, 11, 4, 36, "linear") == 20 and beta_at(7, 11, 4, 36, "constant") == 4
     assert lr_factor(0, 100, 10) == 0.1 and lr_factor(9, 100, 10) == 1.0
     assert math.isclose(lr_factor(55, 100, 10), 0.5) and lr_factor(100, 100, 10) < 1e-12
+
+
+def test_maxpool_term_gradient_and_ties_against_references():
+    """The max-pool term's gradient equals cross_entropy's on unfolded windows; the agreement uses the student's
+    *first* maximum (as its hard gate does), so a tie with the teacher's arg max further on is a disagreement."""
+    geo = PoolGeometry.make(2, 3, 2, 1)
+    spec = GateSpec("maxpool", pool=geo)
+    q = torch.randn(2, 3, 9, 10, dtype=torch.float64, requires_grad=True)
+    qt = torch.randn(2, 3, 9, 10, dtype=torch.float64)
+    loss, _, _ = site_gate_terms(spec, q, qt, 2.5)
+    wq, wt = pool_windows(q, geo, -math.inf).movedim(2, -1), pool_windows(qt, geo, -math.inf).movedim(2, -1)
+    ref = F.cross_entropy((2.5 * wq).reshape(-1, 9), wt.argmax(-1).reshape(-1))
+    assert torch.allclose(torch.autograd.grad(loss, q)[0], torch.autograd.grad(ref, q)[0])
+
+    two = GateSpec("maxpool", pool=PoolGeometry.make(2, 2))
+    q = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])      # a tie: the student's hard gate is offset 0
+    first, second = torch.tensor([[[[0]]]]), torch.tensor([[[[1]]]])  # teacher gates (per-plane indices)
+    assert site_gate_terms(two, q, first, 1.0)[1].item() == 1
+    assert site_gate_terms(two, q, second, 1.0)[1].item() == 0
+    assert site_gate_terms(two, q, second, 1.0, loss=False)[1].item() == 0

@@ -73,3 +73,36 @@ def test_match_sites_by_name_and_clear_error():
     other = TeacherTap(Other())
     with pytest.raises(relu2dlgn.InputError, match=r"teacher's gate sites do not match.*site 1 \(relu 'relu_1'"):
         match_sites(dlgn_avg, other.site_nodes, other.site_kinds)
+
+
+def test_teacher_targets_are_the_source_hard_gates():
+    """targets=True: the tap returns each site's hard gate (what dgn.gates gives: masks, max-pool indices) in the
+    same forward pass, and the output is still the source's; the in-place ReLU's mask is taken before it runs."""
+    model = source_net()
+    x = torch.randn(3, 3, 16, 16)
+    tap = TeacherTap(model, targets=True)
+    dgn = relu2dlgn.convert(model, mode="dgn").eval()
+    with torch.no_grad():
+        out, gates = tap(x)
+        ref_gates = dgn.gates(x)
+        assert torch.equal(out, model(x))
+    assert [g.dtype for g in gates] == [torch.bool, torch.int64, torch.bool]
+    for a, b in zip(gates, ref_gates):
+        assert torch.equal(a, b)
+
+
+def test_site_terms_from_teacher_gates_equal_those_from_pre_activations():
+    from relu2dlgn.training import site_gate_terms
+
+    model = source_net()
+    x = torch.randn(3, 3, 16, 16)
+    dlgn = relu2dlgn.convert(model).train()
+    with torch.no_grad():
+        _, qt = TeacherTap(model)(x)
+        _, gt = TeacherTap(model, targets=True)(x)
+        qs = dlgn.pre_activations(x)
+    pairs = match_sites(dlgn, TeacherTap(model).site_nodes, TeacherTap(model).site_kinds)
+    for i, j in pairs:
+        a = site_gate_terms(dlgn.gate_specs[i], qs[i], qt[j], 3.0)
+        b = site_gate_terms(dlgn.gate_specs[i], qs[i], gt[j], 3.0)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
