@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import statistics
+import sys
 import time
 
 import timm
@@ -27,6 +30,9 @@ import torch.fx as fx
 from timm.layers import _fx as timm_fx
 
 import relu2dlgn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from accuracy_retention import machine  # noqa: E402
 
 
 def bare_trace(model: torch.nn.Module) -> fx.GraphModule:
@@ -62,16 +68,18 @@ def paired(a, b, repeats: int) -> tuple[float, float, float]:
     return statistics.median(ta), statistics.median(tb), statistics.median(y - x for x, y in zip(ta, tb))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16", "densenet121"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, median of {args.repeats}")
     print(f"{'model':<14}{'sites':>6}{'fx trace':>10}{'dlgn':>8}{'+verify':>9}{'verify':>8}{'share':>7}"
           f"{'dgn':>8}{'+verify':>9}{'verify':>8}{'share':>7}   [s]")
+    rows = []
     for name in args.models:
         model = timm.create_model(name, pretrained=False).eval()
         t_fx = timed(lambda: bare_trace(model), args.repeats)
@@ -82,8 +90,16 @@ def main() -> None:
             row += [t0, t1, dt, dt / t0]
         sites = len(relu2dlgn.convert(model, mode="dlgn", verify=False).sites)
         print(f"{name:<14}{sites:>6}{t_fx:>10.3f}" + "".join(
-            f"{a:>8.3f}{b:>9.3f}{c:>8.3f}{d:>6.0%} " for a, b, c, d in (row[:4], row[4:])))
+            f"{a:>8.3f}{b:>9.3f}{c:>8.3f}{d:>6.0%} " for a, b, c, d in (row[:4], row[4:])), flush=True)
+        rows.append({"model": f"timm:{name}", "sites": sites, "fx_trace_s": t_fx,
+                     **{f"{mode}_{what}": v for mode, part in (("dlgn", row[:4]), ("dgn", row[4:]))
+                        for what, v in zip(("s", "verify_total_s", "verify_s", "verify_share"), part)}})
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine(), "args": vars(args), "results": rows}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
