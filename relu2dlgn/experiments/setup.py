@@ -27,6 +27,7 @@ from ..pipeline.config import RunConfig
 from ..pipeline.steps import Context, step_source
 from ..training import FinetuneConfig
 from ..utils.modes import eval_mode
+from ..utils.threads import job_device, job_threads
 from ..zoo import ModelOptions
 from .config import ExperimentConfig
 from .source import SourceSpec, merge_dataset, resolve_source
@@ -50,7 +51,7 @@ class Setup:
     def __init__(self, config: ExperimentConfig, out: str, *, given: Iterable[str] = ()):
         self.cfg = cfg = config.effective()
         self.out = out
-        threads = cfg.threads or (1 if self.device.type == "cpu" else None)
+        threads = job_threads(cfg.threads, self.device)
         if threads:
             torch.set_num_threads(threads)
         model = cfg.source.model or ""
@@ -138,10 +139,7 @@ class Setup:
     # -- training ---------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        name = self.cfg.training.runtime.device
-        if name:
-            return torch.device(name)
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return job_device(self.cfg.training.runtime.device)
 
     def training(self, seed: int, **options: Any) -> FinetuneConfig:
         """The fine-tuning options of one run: the experiments' ``training`` options with ``seed`` and the

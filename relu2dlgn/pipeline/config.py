@@ -44,6 +44,8 @@ class RunConfig:
     out: str | None = option(None, "where the run's artifacts go (default runs/<name>)")
     resume: bool = option(False, "continue a broken run from its last finished step", name="resume_run",
                           flags=("--resume",))
+    threads: int | None = option(None, "torch intra-op threads while the job runs (default: 1 when training on the "
+                                       "CPU — small models, shared cores; torch's own on a GPU)", check=at_least(1))
     source: ModelOptions = group(ModelOptions, "the source network", model=DEFAULT_MODEL)
     source_training: SourceTraining = group(SourceTraining, "training the source (without --checkpoint)")
     dataset: DataOptions = group(DataOptions, "the data", batch_size=64)

@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import OptionError
 from ..options import load_file, save_file, to_dict
 from ..training.checkpoint import CHECKPOINT_DIR
+from ..utils.threads import job_device, job_threads, torch_threads
 from .config import RunConfig
 from .state import STATE_FILE, RunState
 from .steps import SOURCE_DIR, STEPS, Context
@@ -104,14 +105,15 @@ def run(cfg: RunConfig) -> RunResult:
         _fresh(out)
     save_file(config_file, to_dict(dataclasses.replace(cfg, resume=False, out=out)))
     state = RunState.load(out) if resuming else RunState(out)
-    ctx = Context(cfg, resuming)
-    for i, (name, step) in enumerate(STEPS, 1):
-        if state.done(name):
-            log.info("step %d/%d %s: finished earlier (resumed run)", i, len(STEPS), name)
-            continue
-        log.info("step %d/%d %s ...", i, len(STEPS), name)
-        tick = time.perf_counter()
-        record = step(ctx)
-        record["seconds"] = time.perf_counter() - tick
-        state.record(name, record)
+    with torch_threads(job_threads(cfg.threads, job_device(cfg.training.runtime.device))):
+        ctx = Context(cfg, resuming)
+        for i, (name, step) in enumerate(STEPS, 1):
+            if state.done(name):
+                log.info("step %d/%d %s: finished earlier (resumed run)", i, len(STEPS), name)
+                continue
+            log.info("step %d/%d %s ...", i, len(STEPS), name)
+            tick = time.perf_counter()
+            record = step(ctx)
+            record["seconds"] = time.perf_counter() - tick
+            state.record(name, record)
     return RunResult(out, config_file, state.steps, time.perf_counter() - start)

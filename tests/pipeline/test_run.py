@@ -89,3 +89,19 @@ def test_resume_continues_from_the_last_finished_step(tmp_path, monkeypatch):
 def test_run_refuses_options_it_places_itself():
     with pytest.raises(OptionError, match="places the fine-tuning files itself"):
         from_flat(RunConfig, out_dir="x")
+
+
+def test_the_job_trains_on_one_cpu_thread_unless_told_and_restores_torch_s_count(tmp_path, monkeypatch):
+    import torch
+    seen = []
+    monkeypatch.setattr(runner, "STEPS", [("source", lambda ctx: seen.append(torch.get_num_threads()) or {})])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(from_flat(RunConfig, out=str(tmp_path / "a"), device="cpu", **TINY))
+        assert torch.get_num_threads() == 2
+        run(from_flat(RunConfig, out=str(tmp_path / "b"), device="cpu", threads=3, **TINY))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 3]
