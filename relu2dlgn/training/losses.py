@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..gates import GateSpec, make_gate, pool_windows
-from ..maxpool_gate import window_flat_indices as _window_flat
+from ..gates import GateSpec, hard_maxpool_gate, make_gate, pool_windows
 from ..sites import GateSite
 from .config import DistillOptions
 
@@ -72,16 +71,13 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
                 agree = make_gate(spec, q, 1.0, True) == target
             return None, agree.sum(), agree.numel()
         scaled = q * beta
-        windows = pool_windows(scaled, geo, -math.inf)  # (N, C, K, *O)
-        top = windows.detach().amax(2, keepdim=True)
-        with torch.no_grad():  # the student's arg max: the first offset at the window maximum (as max-pool picks)
-            k = windows.shape[2]
-            rank = torch.arange(k, 0, -1, dtype=windows.dtype, device=q.device).view((1, 1, k) + (1,) * geo.ndim)
-            first = (k - torch.where(windows == top, rank, 0.0).amax(2)).long().clamp_(0, k - 1)  # clamp: NaN
-            flat = torch.as_tensor(_window_flat(geo, tuple(q.shape[2:])), device=q.device)
-            agree = flat.expand(q.shape[:2] + flat.shape).gather(2, first.unsqueeze(2)).squeeze(2) == target
+        with torch.no_grad():  # the student's hard gate (max-pool's own first-maximum rule) and its window maxima
+            student = hard_maxpool_gate(q.detach(), geo)
+            agree = student == target
+            top = scaled.detach().flatten(2).gather(2, student.flatten(2)).view(student.shape)  # beta > 0: monotone
         # cross-entropy of each window's soft-max against the teacher's arg max: logsumexp minus the target's logit
-        lse = top.squeeze(2) + (windows - top).exp().sum(2).log()
+        windows = pool_windows(scaled, geo, -math.inf)  # (N, C, K, *O)
+        lse = top + (windows - top.unsqueeze(2)).exp().sum(2).log()
         picked = scaled.flatten(2).gather(2, target.flatten(2)).view(target.shape)
         value = (lse - picked).mean()
         return value, agree.sum(), agree.numel()
