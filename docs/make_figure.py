@@ -50,7 +50,7 @@ def chain(ax, y, items, x0=0.0, dx=1.6):
     return xs
 
 
-def main() -> str:
+def main(out: str = OUT) -> str:
     fig, ax = plt.subplots(figsize=(11.5, 6.2))
     ax.set_xlim(-1.0, 13.6)
     ax.set_ylim(-4.75, 1.55)
@@ -95,10 +95,10 @@ def main() -> str:
     ax.text(12.4, yv - 0.05, "$W'$ starts as $W$:\nboth copies start\nfrom the source's\nweights", fontsize=8.5,
             va="center", color="#333333")
 
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    fig.savefig(OUT, dpi=110, bbox_inches="tight")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return OUT
+    return out
 
 
 if __name__ == "__main__":
