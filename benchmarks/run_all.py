@@ -3,6 +3,7 @@
     python benchmarks/run_all.py                 # all of them (about 15 minutes on a 2-core CPU)
     python benchmarks/run_all.py --only eval onnx
     python benchmarks/run_all.py --summarize     # rebuild the summary from the JSON files already there
+    python benchmarks/run_all.py --summarize --readme README.md   # and put its table into the README
 
 Each benchmark runs in its own process (its thread settings and memory are its own) and writes its JSON file
 into ``--results``; every figure in the summary is a ratio measured side by side in one run (source and DLGN
@@ -170,6 +171,23 @@ def summarize(results: str, seconds: dict[str, float]) -> dict[str, Any]:
     return summary
 
 
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+
+
+def write_readme_table(path: str, markdown: str) -> None:
+    """Replace what stands between the README's benchmark markers with ``markdown`` (written atomically)."""
+    with open(path) as f:
+        text = f.read()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{path}: expected one {BEGIN} ... {END} pair around the benchmark table")
+    head, rest = text.split(BEGIN)
+    tail = rest.split(END)[1]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS),
@@ -177,11 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summarize", action="store_true", help="run nothing; rebuild the summary from the JSON files")
     p.add_argument("--quick", action="store_true", help="smoke budget: tiny models and inputs (numbers say little)")
     p.add_argument("--results", default=os.path.join(HERE, "results"), help="directory of the JSON files")
+    p.add_argument("--readme", default=None, help="also put the table between this file's benchmark markers")
     args = p.parse_args(argv)
     os.makedirs(args.results, exist_ok=True)
     seconds = {} if args.summarize else {name: run_benchmark(name, args.results, args.quick) for name in args.only}
     summary = summarize(args.results, seconds)
     print("\n" + summary["markdown"])
+    if args.readme:
+        write_readme_table(args.readme, summary["markdown"])
     return 0
 
 
