@@ -129,7 +129,8 @@ def test_readme_benchmark_table_is_replaceable():
     section = text.split("\n## Benchmarks\n", 1)[1].split("\n## ", 1)[0]
     assert section.count("<!-- benchmarks:begin -->") == 1 and section.count("<!-- benchmarks:end -->") == 1
     table = section.split("<!-- benchmarks:begin -->")[1].split("<!-- benchmarks:end -->")[0]
-    assert table.strip().startswith("|")
+    rows = [line for line in table.strip().splitlines() if line.startswith("|")]
+    assert len(rows) >= 3 and rows[1].startswith("|---")     # header, rule, at least one row
 
 
 def test_figure_script_draws(tmp_path):
