@@ -185,41 +185,21 @@ def report(dlgn: Any, loader: Iterable, out: str | os.PathLike, *, source: nn.Mo
 
     step("neural path kernel")
     if npk_examples > 1:
-        xn = x[:npk_examples]
-        K = npk(dlgn, xn, progress=progress)
-        numbers["npk"] = _npk_numbers(K, None if y is None else y[:npk_examples])
-        labels = y[:npk_examples] if y is not None else torch.zeros(xn.shape[0], dtype=torch.long)
-        figures["npk"] = plots.kernel_heatmap(
-            K, labels, os.path.join(out, "npk.png"),
-            f"Neural path kernel, {xn.shape[0]} examples sorted by class\n(cosine-normalised; alignment "
-            f"{_fmt(numbers['npk']['alignment_cosine'])})")
+        _npk_section(dlgn, x[:npk_examples], None if y is None else y[:npk_examples], out, numbers, figures,
+                     progress)
     done("neural path kernel")
 
     step("templates")
-    numbers["templates"] = []
-    for s in sites:
-        T = gate_templates(dlgn, s, units=range(min(template_units, _units(dlgn, s, x))),
-                           at=None if is_affine(dlgn) else x[:1])
-        numbers["templates"].append(T.as_dict())
-        figures[f"templates_site{s}"] = plots.template_grid(T, os.path.join(out, f"templates_site{s}.png"),
-                                                            template_units)
+    _templates_section(dlgn, sites, x, template_units, out, numbers, figures)
     done("templates")
 
     step("gradient similarity")
     if similarity_examples > 1 and y is not None:
         params = list(similarity_params) if similarity_params is not None else \
             trailing_params(dlgn.value, similarity_dims)
-        numbers["similarity_params"] = params
-        numbers["similarity_metric"] = metric
-        xs, ys = x[:similarity_examples], y[:similarity_examples]
         models = {"DLGN": dlgn} if source is None else {"DLGN": dlgn, "source": source}
-        drawn: dict[str, Similarity] = {}
-        numbers["similarity"] = {}
-        for name, model in models.items():
-            per = similarity_by_metric(model, xs, ys, params=params, progress=progress)
-            drawn[name] = per[metric]
-            numbers["similarity"][name] = {m: sim.as_dict() for m, sim in per.items()}
-        figures["similarity"] = plots.similarity_histograms(drawn, os.path.join(out, "similarity.png"))
+        _similarity_section(models, x[:similarity_examples], y[:similarity_examples], params, metric, out, numbers,
+                            figures, progress)
     done("gradient similarity")
     bar.close()
 
@@ -230,6 +210,43 @@ def report(dlgn: Any, loader: Iterable, out: str | os.PathLike, *, source: nn.Mo
     atomic_write_text(os.path.join(out, "report.md"), _markdown(numbers, stats, agreement))
     log.info("explain: report written to %s (%.1f s)", out, numbers["seconds"])
     return ExplainReport(out, numbers, figures)
+
+
+def _npk_section(dlgn: Any, x: torch.Tensor, y: torch.Tensor | None, out: str, numbers: dict[str, Any],
+                 figures: dict[str, str], progress: bool) -> None:
+    """The NPK of ``x``: its numbers and heat map."""
+    K = npk(dlgn, x, progress=progress)
+    numbers["npk"] = _npk_numbers(K, y)
+    labels = y if y is not None else torch.zeros(x.shape[0], dtype=torch.long)
+    figures["npk"] = plots.kernel_heatmap(
+        K, labels, os.path.join(out, "npk.png"),
+        f"Neural path kernel, {x.shape[0]} examples sorted by class\n(cosine-normalised; alignment "
+        f"{_fmt(numbers['npk']['alignment_cosine'])})")
+
+
+def _templates_section(dlgn: Any, sites: Sequence[int], x: torch.Tensor, units: int, out: str,
+                       numbers: dict[str, Any], figures: dict[str, str]) -> None:
+    """Gate templates of ``sites`` (at ``x[:1]`` where the gating network is not affine): numbers and grids."""
+    numbers["templates"] = []
+    for s in sites:
+        T = gate_templates(dlgn, s, units=range(min(units, _units(dlgn, s, x))), at=None if is_affine(dlgn) else x[:1])
+        numbers["templates"].append(T.as_dict())
+        figures[f"templates_site{s}"] = plots.template_grid(T, os.path.join(out, f"templates_site{s}.png"), units)
+
+
+def _similarity_section(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, params: list[str],
+                        metric: Metric, out: str, numbers: dict[str, Any], figures: dict[str, str],
+                        progress: bool) -> None:
+    """Gradient similarity of each model (every metric in the numbers; ``metric`` drawn)."""
+    numbers["similarity_params"] = params
+    numbers["similarity_metric"] = metric
+    drawn: dict[str, Similarity] = {}
+    numbers["similarity"] = {}
+    for name, model in models.items():
+        per = similarity_by_metric(model, x, y, params=params, progress=progress)
+        drawn[name] = per[metric]
+        numbers["similarity"][name] = {m: sim.as_dict() for m, sim in per.items()}
+    figures["similarity"] = plots.similarity_histograms(drawn, os.path.join(out, "similarity.png"))
 
 
 def _units(dlgn: Any, site: int, x: torch.Tensor) -> int:
