@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -31,6 +30,9 @@ import relu2dlgn
 from relu2dlgn.data import load_data, make_loader
 from relu2dlgn.training import finetune, fresh_dlgn, recalibrate_bn
 from relu2dlgn.zoo import create_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, write_json  # noqa: E402
 
 
 def accuracy(model: torch.nn.Module, loader) -> float:
@@ -56,16 +58,6 @@ def train_source(model: torch.nn.Module, train_loader, epochs: int, lr: float) -
             loss.backward()
             opt.step()
             sched.step()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,10 +163,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{machine()}; total {time.perf_counter() - t0:.0f}s")
     print(table)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"model": args.model, "size": args.size, "machine": machine(), "options": options,
-                       "args": vars(args), "source_acc": A, "rows": rows, "table": table}, f, indent=1)
+        write_json(args.out, {"model": args.model, "size": args.size, "machine": machine(), "options": options,
+                              "args": vars(args), "source_acc": A, "rows": rows, "table": table})
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ from timm.layers import _fx as timm_fx
 import relu2dlgn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy_retention import machine  # noqa: E402
+from common import machine, write_json  # noqa: E402
 
 
 def bare_trace(model: torch.nn.Module) -> fx.GraphModule:
@@ -95,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                      **{f"{mode}_{what}": v for mode, part in (("dlgn", row[:4]), ("dgn", row[4:]))
                         for what, v in zip(("s", "verify_total_s", "verify_s", "verify_share"), part)}})
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"machine": machine(), "args": vars(args), "results": rows}, f, indent=1)
+        write_json(args.out, {"machine": machine(), "args": vars(args), "results": rows})
     return 0
 
 

@@ -24,7 +24,7 @@ import relu2dlgn
 from relu2dlgn.zoo import create_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy_retention import machine  # noqa: E402
+from common import machine, write_json  # noqa: E402
 
 
 def interleaved(fns: list[Any], repeats: int, warmup: int = 1) -> list[list[float]]:
@@ -83,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['model']} | {r['batch']} | {r['load']:.1f} | {r['source_ms']:.1f} | {r['dlgn_ms']:.1f} | "
               f"{r['ratio']:.2f}x |")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"machine": machine(), "args": vars(args), "results": rows}, f, indent=1)
+        write_json(args.out, {"machine": machine(), "args": vars(args), "results": rows})
     return 0
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import subprocess
 import time
 
 import torch
@@ -24,15 +22,8 @@ import torch
 import relu2dlgn
 from relu2dlgn import explain
 from relu2dlgn.data import load_data
+from relu2dlgn.utils.machine import cpu_name
 from relu2dlgn.zoo import create_model
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def rss_mb() -> float:

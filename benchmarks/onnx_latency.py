@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -38,6 +37,7 @@ import torch
 
 import relu2dlgn
 from relu2dlgn.export import export_onnx
+from relu2dlgn.utils.machine import cpu_name
 from relu2dlgn.zoo import create_model
 
 DTYPES = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16)}
@@ -169,13 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args.max_batch = _max_batch(args.max_batch)
     repeats = args.repeats if len(args.repeats) == len(args.batches) else [args.repeats[0]] * len(args.batches)
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    machine = (f"{cpu}, {os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f} at the start; "
+    machine = (f"{cpu_name()}, {os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f} at the start; "
                f"onnxruntime {ort.__version__} CPUExecutionProvider; torch {torch.__version__}; {args.size} px; "
                f"mode {args.mode}, pool {args.pool}")
     print(f"machine: {machine}")

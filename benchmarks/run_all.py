@@ -30,6 +30,11 @@ import sys
 import time
 from typing import Any, Callable
 
+from common import write_json  # noqa: E402  (this directory is on sys.path when the script runs)
+
+from relu2dlgn.utils.fs import atomic_write_text
+from relu2dlgn.utils.machine import cpu_name
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
@@ -53,14 +58,7 @@ QUICK: dict[str, list[str]] = {  # a smoke budget: the same rows, numbers that s
 
 def cpu_model() -> str:
     """The CPU's model name (what ``lscpu`` prints) and its logical core count."""
-    name = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        name = platform.processor() or platform.machine() or name
-    return f"{name}, {os.cpu_count()} logical cores"
+    return f"{cpu_name()}, {os.cpu_count()} logical cores"
 
 
 def run_benchmark(name: str, results: str, quick: bool) -> float:
@@ -164,10 +162,8 @@ def summarize(results: str, seconds: dict[str, float]) -> dict[str, Any]:
              "| " + " | ".join(summary["columns"]) + " |", "|" + "---|" * len(summary["columns"])]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     summary["markdown"] = "\n".join(lines)
-    with open(os.path.join(results, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(results, "summary.md"), "w") as f:
-        f.write(summary["markdown"] + "\n")
+    write_json(os.path.join(results, "summary.json"), summary)
+    atomic_write_text(os.path.join(results, "summary.md"), summary["markdown"] + "\n")
     return summary
 
 
@@ -182,10 +178,7 @@ def write_readme_table(path: str, markdown: str) -> None:
         raise SystemExit(f"{path}: expected one {BEGIN} ... {END} pair around the benchmark table")
     head, rest = text.split(BEGIN)
     tail = rest.split(END)[1]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
-    os.replace(tmp, path)
+    atomic_write_text(path, f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:

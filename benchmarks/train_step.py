@@ -47,7 +47,7 @@ from relu2dlgn.training import FinetuneConfig, TeacherTap, Trainer, kd_loss, mat
 from relu2dlgn.zoo import create_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from accuracy_retention import machine  # noqa: E402
+from common import machine, write_json  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -251,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         info += f"; {torch.cuda.get_device_name()}"
     print(f"\n{info}\n{table}")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"machine": info, "args": vars(args), "results": results, "table": table}, f, indent=1)
+        write_json(args.out, {"machine": info, "args": vars(args), "results": results, "table": table})
     return 0
 
 

@@ -363,6 +363,8 @@ def main() -> None:
     import torch
     import torchvision
 
+    from relu2dlgn.utils.machine import cpu_name
+
     if args.models:
         specs = list(args.models)
     else:
@@ -372,7 +374,8 @@ def main() -> None:
     settings = {"date": time.strftime("%Y-%m-%d"), "stride": args.stride, "max_params": args.max_params,
                 "time_limit": args.time_limit, "threads": args.threads, "size": SIZE,
                 "torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__,
-                "machine": f"{os.cpu_count()}-core {platform.machine()} ({_cpu()})", "python": sys.version.split()[0]}
+                "machine": f"{os.cpu_count()}-core {platform.machine()} ({cpu_name()})",
+                "python": sys.version.split()[0]}
     rows: list[dict[str, Any]] = []
     worker = Worker(args.threads, args.max_params)
     try:
@@ -388,15 +391,6 @@ def main() -> None:
     print(json.dumps(summaries(rows), indent=1))
 
 
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

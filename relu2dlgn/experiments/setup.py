@@ -26,6 +26,7 @@ from ..options import flat, from_flat
 from ..pipeline.config import RunConfig
 from ..pipeline.steps import Context, step_source
 from ..training import FinetuneConfig
+from ..utils.machine import cpu_name
 from ..utils.modes import eval_mode
 from ..utils.threads import job_device, job_threads
 from ..zoo import ModelOptions
@@ -165,7 +166,7 @@ class Setup:
 
     def machine(self) -> dict[str, Any]:
         """CPU, threads, device and load average (for the tables; timings move with the load)."""
-        info: dict[str, Any] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        info: dict[str, Any] = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                 "device": str(self.device), "torch": torch.__version__}
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
@@ -174,18 +175,6 @@ class Setup:
         except OSError:  # pragma: no cover - not on every platform
             pass
         return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 def config_from(model: str | None = None, config: ExperimentConfig | None = None,

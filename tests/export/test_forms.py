@@ -19,7 +19,7 @@ from relu2dlgn.export import export_onnx
 from relu2dlgn.export.passes import onnxruntime_cpu_gates
 
 from _models import TinyNet, build, input_size, rel_err
-from test_export import all_gates, check_parity, run
+from test_export import FAST, SLOW, all_gates, check_parity, run
 
 # Ops that both TensorRT's ONNX parser and onnxruntime's CUDA execution provider implement (so a portable graph
 # runs there without CPU fallbacks), restricted to what relu2dlgn's exports use. Sources:
@@ -79,8 +79,6 @@ def test_portable_every_gate_kind(tmp_path, mode, value_input, pool):
         check_parity(dlgn, (xb,), res[:2], res[2:])
 
 
-FAST = ["timm:resnet18", "tv:resnet18", "tv:mobilenet_v2"]
-SLOW = ["timm:resnet50", "timm:vgg16_bn", "timm:densenet121", "tv:inception_v3"]
 # Every model of the export tests; the large ones in DLGN mode only (a DGN's portable graph has the same gate ops,
 # and test_export.py checks every model's DGN export): the suite must fit 2 cores.
 ZOO = [pytest.param(s, m, id=f"{s}-{m}") for s in FAST for m in ("dlgn", "dgn")] + \
