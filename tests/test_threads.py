@@ -23,3 +23,11 @@ def test_torch_threads_restores_the_count_even_on_error():
     assert torch.get_num_threads() == before
     with torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_job_device_refuses_cuda_where_there_is_none():
+    from relu2dlgn.errors import OptionError
+    with pytest.raises(OptionError, match=r"device='cuda': CUDA is not available here"):
+        job_device("cuda")
+    assert job_device(None) == torch.device("cpu")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from ..dlgn import DLGN
 from ..errors import InputError, OptionError
 from ..options import to_dict, validate
+from ..utils.threads import job_device
 from .batches import EMPTY_VAL, check_loaders, split_batch, to_device
 from .checkpoint import MODEL_DIR, latest_checkpoint, restore_checkpoint, save_checkpoint
 from .config import FinetuneConfig
@@ -102,15 +103,7 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------------
     def _pick_device(self) -> torch.device:
-        name = self.cfg.runtime.device
-        if name is not None:
-            dev = torch.device(name)
-            if dev.type == "cuda" and not torch.cuda.is_available():
-                raise OptionError(f"finetune option device={name!r}: CUDA is not available here")
-        elif torch.cuda.is_available():
-            dev = torch.device("cuda", torch.cuda.current_device())
-        else:
-            dev = torch.device("cpu")
+        dev = job_device(self.cfg.runtime.device)
         if self.distributed and dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
         return dev

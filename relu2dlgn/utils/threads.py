@@ -1,4 +1,4 @@
-"""torch's intra-op thread count for a training job: one rule, applied once.
+"""The device and torch's intra-op thread count of a training job: one rule each, applied once.
 
 On the CPU the jobs of this package train small models on small images, where torch's own thread pool (one
 thread per core) gains little and loses much when the cores are shared: measured on a 2-core machine running a
@@ -12,12 +12,20 @@ from typing import Iterator
 
 import torch
 
+from ..errors import OptionError
+
 
 def job_device(name: str | None) -> torch.device:
-    """The device a job trains on: ``name``, or CUDA when available, else the CPU."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The device a job trains on: ``name`` (the ``device`` option), or the current CUDA device when there is one,
+    else the CPU. Raises :class:`OptionError` when ``name`` asks for CUDA and there is none."""
+    if name is not None:
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise OptionError(f"finetune option device={name!r}: CUDA is not available here")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def job_threads(threads: int | None, device: torch.device) -> int | None:
