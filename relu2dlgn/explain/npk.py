@@ -51,7 +51,7 @@ _FLOAT32_SAFE = 1e30  # largest path sum run in float32 (float32 overflows at 3.
 
 
 def _inputs_and_gates(dlgn: Any, x: Tensor, hard: bool, chunk: int) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Value inputs (float64) and gates (floating gates in float64) of every example, computed in chunks."""
+    """Value inputs (float64) and gates (masks and soft gates in float64) of every example, computed in chunks."""
     if not isinstance(x, Tensor):
         raise InputError(f"npk: x must be a tensor batch, got {type(x).__name__}")
     x = x.to(dlgn.device)
@@ -66,7 +66,9 @@ def _inputs_and_gates(dlgn: Any, x: Tensor, hard: bool, chunk: int) -> tuple[Ten
 
 
 def _cast(gates: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, ...]:
-    return tuple(g.to(dtype) if g.is_floating_point() else g for g in gates)
+    """Soft gates and hard masks (boolean) as numbers in ``dtype``: the pair ops multiply by them. Max-pool
+    indices stay integers."""
+    return tuple(g.to(dtype) if g.is_floating_point() or g.dtype == torch.bool else g for g in gates)
 
 
 def _leaves(out: Any) -> list[Tensor]:

@@ -23,11 +23,6 @@ from ..gates import PoolGeometry, pool_windows
 # gate applications for a pair of examples: g = gates of x, h = gates of x'
 # --------------------------------------------------------------------------------------------------
 
-def _num(g: Tensor, v: Tensor) -> Tensor:
-    """A hard gate (boolean mask) as 0/1 in ``v``'s dtype; a soft gate as it is."""
-    return g.to(v.dtype) if g.dtype == torch.bool else g
-
-
 def _slope(g: Tensor, a: Tensor | float) -> Tensor:
     return g + a * (1 - g)
 
@@ -39,27 +34,22 @@ def _per_channel(v: Tensor, w: Tensor) -> Tensor:
 
 
 def pair_relu(v: Tensor, g: Tensor, h: Tensor) -> Tensor:
-    g, h = _num(g, v), _num(h, v)
     return v * (g * h)
 
 
 def pair_relu_(v: Tensor, g: Tensor, h: Tensor) -> Tensor:
-    g, h = _num(g, v), _num(h, v)
     return v.mul_(g * h)
 
 
 def pair_leaky_relu(v: Tensor, g: Tensor, h: Tensor, a: float) -> Tensor:
-    g, h = _num(g, v), _num(h, v)
     return v * (_slope(g, a) * _slope(h, a))
 
 
 def pair_leaky_relu_(v: Tensor, g: Tensor, h: Tensor, a: float) -> Tensor:
-    g, h = _num(g, v), _num(h, v)
     return v.mul_(_slope(g, a) * _slope(h, a))
 
 
 def pair_prelu(v: Tensor, g: Tensor, h: Tensor, weight: Tensor) -> Tensor:
-    g, h = _num(g, v), _num(h, v)
     w = _per_channel(v, weight)
     return v * (_slope(g, w) * _slope(h, w))
 
@@ -71,13 +61,11 @@ def _hardtanh_terms(g: Tensor, h: Tensor, bias: float) -> tuple[Tensor, Tensor]:
 
 
 def pair_hardtanh(v: Tensor, g: Tensor, h: Tensor, bias: float) -> Tensor:
-    g, h = _num(g, v), _num(h, v)
     slope, const = _hardtanh_terms(g, h, bias)
     return slope * v + const
 
 
 def pair_hardtanh_(v: Tensor, g: Tensor, h: Tensor, bias: float) -> Tensor:
-    g, h = _num(g, v), _num(h, v)
     slope, const = _hardtanh_terms(g, h, bias)
     return v.mul_(slope).add_(const)
 
