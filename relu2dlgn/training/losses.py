@@ -66,15 +66,13 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
     if spec.kind == "maxpool":
         geo = spec.pool
         assert geo is not None
-        if not loss:
-            with torch.no_grad():
-                agree = make_gate(spec, q, 1.0, True) == target
-            return None, agree.sum(), agree.numel()
-        scaled = q * beta
-        with torch.no_grad():  # the student's hard gate (max-pool's own first-maximum rule) and its window maxima
+        with torch.no_grad():  # the student's hard gate (max-pool's own first-maximum rule)
             student = hard_maxpool_gate(q.detach(), geo)
             agree = student == target
-            top = scaled.detach().flatten(2).gather(2, student.flatten(2)).view(student.shape)  # beta > 0: monotone
+        if not loss:
+            return None, agree.sum(), agree.numel()
+        scaled = q * beta
+        top = scaled.detach().flatten(2).gather(2, student.flatten(2)).view(student.shape)  # window maxima: beta > 0
         # cross-entropy of each window's soft-max against the teacher's arg max: logsumexp minus the target's logit
         windows = pool_windows(scaled, geo, -math.inf)  # (N, C, K, *O)
         lse = top + (windows - top.unsqueeze(2)).exp().sum(2).log()
