@@ -98,7 +98,7 @@ def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch
             r = dlgn.run(x, hard=False)
             out, qs = r.output, r.pre_activations
             loss = 0.5 * F.cross_entropy(out.float(), y) + 0.5 * kd_loss(out, t_logits, 4.0)
-            loss = loss + torch.stack([site_gate_terms(specs[i], qs[i], t_qs[j], dlgn.beta)[0]
+            loss = loss + torch.stack([site_gate_terms(specs[i], qs[i], t_qs[j], dlgn.beta, gate=r.gates[i])[0]
                                        for i, j in pairs]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -28,6 +28,10 @@ Formulations (any kernel, stride, padding, dilation and ``ceil_mode``, overlappi
   convolution with unit weights (one per stride phase, then contiguous slices), and the winner as the largest
   ``1(q_k == m) * w_k`` with ``w_k`` decreasing in the scan order and 0 outside the input. Exact for every
   input without NaN; a window holding a NaN gets an unspecified index inside the window (PyTorch: its last NaN).
+
+The *soft* gate of training (:func:`soft_gate`: the soft-max over each window of ``beta q``) and the value
+network's read under it (:func:`soft_select`) are autograd functions over the stride phases of the padded
+tensor, where every kernel offset reads a contiguous block: no ``unfold``/``fold`` copies of the windows.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .gates import PoolGeometry
 
-__all__ = ["argmax_chain", "select_chain", "argmax_by_equality", "window_flat_indices"]
+__all__ = ["argmax_chain", "select_chain", "argmax_by_equality", "window_flat_indices", "window_offsets", "soft_gate", "soft_select"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,6 +92,26 @@ def window_flat_indices(geo: "PoolGeometry", size: tuple[int, ...]) -> np.ndarra
     """``(K, *out)`` int64: the per-plane flat index that kernel offset ``k`` reads at each output position for a
     spatial input ``size`` (-1 outside the input); offsets in row-major order, as :func:`F.unfold` numbers them."""
     return _window_constants(geo, tuple(size))[0]
+
+
+def window_offsets(indices: Tensor, geo: "PoolGeometry", size: Sequence[int]) -> Tensor:
+    """The kernel offset (row-major scan order, as :func:`F.unfold` and :func:`relu2dlgn.gates.pool_windows` number
+    them) at which each output window reads the per-plane flat index ``indices`` (``(N, C, *out)``, each inside
+    its own window, as a hard max-pool gate is), for a spatial input ``size``: int64, shaped like ``indices``.
+
+    Integer arithmetic on the output positions: for dimension ``i``, the coordinate ``c`` of the index and the
+    window's first coordinate ``o * s - p`` give ``k_i = (c - (o * s - p)) / d``."""
+    size = tuple(size)
+    out = geo.output_size(size)
+    rest, k = indices, None
+    for i in reversed(range(geo.ndim)):
+        coord = rest % size[i]
+        rest = rest // size[i]
+        start = torch.arange(out[i], device=indices.device) * geo.stride[i] - geo.padding[i]
+        ki = (coord - start.view((-1,) + (1,) * (geo.ndim - 1 - i))) // geo.dilation[i]
+        k = ki if k is None else k + ki * math.prod(geo.kernel_size[i + 1:])
+    assert k is not None
+    return k
 
 
 def _const(array: np.ndarray, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -151,6 +175,137 @@ def select_chain(v: Tensor, idx: Tensor, geo: "PoolGeometry") -> Tensor:
     for k in range(1, len(offsets)):
         res = torch.where(idx == _const(flat[k], v), _view(vp, geo, out, offsets[k]), res)
     return res if len(offsets) > 1 else res.clone()
+
+
+# --------------------------------------------------------------------------------------------------
+# the soft gate's read (training)
+# --------------------------------------------------------------------------------------------------
+
+def _phase_reads(geo: "PoolGeometry") -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per kernel offset (scan order), ``(residues, starts)``: in the padded tensor, offset ``k`` reads coordinate
+    ``s*o + k*d = s*(o + a) + r`` per dimension, i.e. elements ``a .. a + out`` of the stride phase ``r``."""
+    return [(tuple((k * d) % s for k, d, s in zip(offset, geo.dilation, geo.stride)),
+             tuple((k * d) // s for k, d, s in zip(offset, geo.dilation, geo.stride))) for offset in _offsets(geo)]
+
+
+def _phase_index(geo: "PoolGeometry", residues: tuple[int, ...]) -> tuple[slice, ...]:
+    return (slice(None), slice(None)) + tuple(slice(r, None, s) for r, s in zip(residues, geo.stride))
+
+
+def _window(phase: Tensor, starts: tuple[int, ...], out: Sequence[int]) -> Tensor:
+    return phase[(slice(None), slice(None)) + tuple(slice(a, a + o) for a, o in zip(starts, out))]
+
+
+class _SoftSelect(torch.autograd.Function):
+    """``out = sum_k g[:, :, k] * v_k`` with ``v_k`` what kernel offset ``k`` reads from the zero-padded ``v``:
+    the padded tensor is split once into its stride phases (``s_1 * s_2 * ...`` contiguous planes), where every
+    offset reads a contiguous block, and each offset is one multiply-add on output-sized tensors — instead of
+    unfolding ``v`` into a ``(N, C, K, *out)`` copy and multiplying and summing that (and again for the
+    gradients)."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, g: Tensor, geo: "PoolGeometry") -> Tensor:  # type: ignore[override]
+        ctx.geo, ctx.size = geo, tuple(v.shape[2:])
+        ctx.save_for_backward(v, g)
+        out_size = geo.output_size(ctx.size)
+        phases = _phases(_padded(v, geo, 0.0), geo)
+        out = torch.zeros(g.shape[:2] + out_size, dtype=torch.result_type(v, g), device=v.device)
+        for k, (residues, starts) in enumerate(_phase_reads(geo)):
+            out.addcmul_(g[:, :, k], _window(phases[residues], starts, out_size))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        v, g = ctx.saved_tensors
+        geo = ctx.geo
+        out_size = geo.output_size(ctx.size)
+        reads = _phase_reads(geo)
+        vp = _padded(v, geo, 0.0)
+        grad = grad.contiguous()
+        grad_v = grad_g = None
+        if ctx.needs_input_grad[1]:
+            phases = _phases(vp, geo)
+            grad_g = torch.empty_like(g)
+            for k, (residues, starts) in enumerate(reads):
+                torch.mul(grad, _window(phases[residues], starts, out_size), out=grad_g[:, :, k])
+        if ctx.needs_input_grad[0]:
+            grad_vp = torch.zeros(vp.shape, dtype=grad.dtype, device=grad.device)
+            grad_phases = {r: torch.zeros_like(p) for r, p in _phases(grad_vp, geo, copy=False).items()}
+            for k, (residues, starts) in enumerate(reads):
+                _window(grad_phases[residues], starts, out_size).addcmul_(grad, g[:, :, k])
+            for residues, phase in grad_phases.items():
+                grad_vp[_phase_index(geo, residues)] = phase
+            index = (slice(None), slice(None)) + tuple(slice(p, p + n) for p, n in zip(geo.padding, ctx.size))
+            grad_v = grad_vp[index].to(v.dtype)
+        return grad_v, grad_g, None
+
+
+def _phases(xp: Tensor, geo: "PoolGeometry", copy: bool = True) -> dict[tuple[int, ...], Tensor]:
+    """The stride phases of the padded ``xp`` that the kernel offsets read, contiguous (views with ``copy=False``;
+    the tensor itself for unit strides)."""
+    out = {}
+    for residues, _ in _phase_reads(geo):
+        if residues not in out:
+            view = xp[_phase_index(geo, residues)]
+            out[residues] = view.contiguous() if copy else view
+    return out
+
+
+class _SoftGate(torch.autograd.Function):
+    """``softmax`` over each pooling window of ``z``, ``(N, C, K, *out)`` (padding and overhang weigh 0): the
+    windows are copied out of the stride phases of the ``-inf``-padded ``z`` into one buffer, which the soft-max
+    then overwrites in place; the backward accumulates each offset's gradient into the phases — no ``unfold`` /
+    ``fold``, one ``(N, C, K, *out)`` tensor each way."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, geo: "PoolGeometry") -> Tensor:  # type: ignore[override]
+        ctx.geo, ctx.size = geo, tuple(z.shape[2:])
+        out_size = geo.output_size(ctx.size)
+        reads = _phase_reads(geo)
+        phases = _phases(_padded(z, geo, -math.inf), geo)
+        g = torch.empty(z.shape[:2] + (len(reads),) + out_size, dtype=z.dtype, device=z.device)
+        for k, (residues, starts) in enumerate(reads):
+            g[:, :, k].copy_(_window(phases[residues], starts, out_size))
+        g.sub_(g.amax(2, keepdim=True)).exp_()
+        g.div_(g.sum(2, keepdim=True))
+        ctx.save_for_backward(g)
+        return g
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (g,) = ctx.saved_tensors
+        geo = ctx.geo
+        out_size = geo.output_size(ctx.size)
+        grad_w = torch.ops.aten._softmax_backward_data(grad, g, 2, g.dtype)  # g * (grad - sum_k g_k grad_k)
+        padded = [n + 2 * p for n, p in zip(ctx.size, geo.padding)]
+        for i, (o, s, k, d) in enumerate(zip(out_size, geo.stride, geo.kernel_size, geo.dilation)):
+            padded[i] = max(padded[i], (o - 1) * s + d * (k - 1) + 1)
+        grad_zp = torch.zeros(g.shape[:2] + tuple(padded), dtype=g.dtype, device=g.device)
+        grad_phases = {r: torch.zeros_like(p) for r, p in _phases(grad_zp, geo, copy=False).items()}
+        for k, (residues, starts) in enumerate(_phase_reads(geo)):
+            _window(grad_phases[residues], starts, out_size).add_(grad_w[:, :, k])
+        for residues, phase in grad_phases.items():
+            grad_zp[_phase_index(geo, residues)] = phase
+        index = (slice(None), slice(None)) + tuple(slice(p, p + n) for p, n in zip(geo.padding, ctx.size))
+        return grad_zp[index], None
+
+
+def soft_gate(z: Tensor, geo: "PoolGeometry") -> Tensor:
+    """The soft max-pool gate for logits ``z`` (``beta q``): ``softmax`` over each pooling window, ``(N, C, K,
+    *out)`` with the window axis in row-major kernel order (:func:`relu2dlgn.gates.pool_windows`' layout;
+    positions outside the input weigh 0) — what ``softmax(pool_windows(z, geo, -inf), 2)`` computes, faster.
+    Once differentiable (a double backward raises)."""
+    return _SoftGate.apply(z, geo)
+
+
+def soft_select(v: Tensor, g: Tensor, geo: "PoolGeometry") -> Tensor:
+    """The value network's read under a soft max-pool gate: ``out[o] = sum_k g[:, :, k, o] v[window(o)_k]``
+    (``g``: ``(N, C, K, *out)`` window weights, offsets in row-major order; positions outside ``v`` read 0) —
+    what ``(pool_windows(v, geo, 0) * g).sum(2)`` computes, in a fraction of its time and memory. Once
+    differentiable (a double backward raises)."""
+    return _SoftSelect.apply(v, g, geo)
 
 
 # --------------------------------------------------------------------------------------------------

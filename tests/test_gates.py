@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from relu2dlgn import gates as G
-from relu2dlgn.gates import GateSpec, PoolGeometry
+from relu2dlgn.gates import GateSpec, PoolGeometry, hard_maxpool_gate
 
 GEOMETRIES = [  # (ndim, kernel, stride, padding, dilation, ceil_mode)
     (2, 2, 2, 0, 1, False), (2, 3, 2, 1, 1, False), (2, 3, 2, 1, 1, True), (2, 2, 1, 0, 2, False),
@@ -197,3 +197,65 @@ def test_gate_form_is_checked_and_restored():
             assert G._FORM.get() == "onnx"
         assert G._FORM.get() == "portable"
     assert G._FORM.get() == "eager"
+
+
+def test_window_offsets_invert_window_flat_indices():
+    """window_offsets(idx) is the k with window_flat_indices[k, o] == idx (brute force), for max-pool's own indices
+    over geometries with padding, dilation, ceil-mode overhang and 1-3 spatial dimensions."""
+    from relu2dlgn import maxpool_gate
+    cases = [(2, (2, 3, 9, 10), dict(kernel_size=3, stride=2, padding=1)),
+             (2, (1, 2, 8, 7), dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), ceil_mode=True)),
+             (1, (2, 3, 11), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+             (3, (1, 2, 5, 6, 4), dict(kernel_size=2, stride=(1, 2, 2), padding=(1, 0, 1)))]
+    for ndim, shape, kw in cases:
+        geo = PoolGeometry.make(ndim, **kw)
+        q = torch.randn(shape)
+        q[0, 0] = 0.0  # ties: the first maximum
+        idx = hard_maxpool_gate(q, geo)
+        k = maxpool_gate.window_offsets(idx, geo, shape[2:])
+        flat = torch.as_tensor(maxpool_gate.window_flat_indices(geo, shape[2:]))
+        brute = (flat.unsqueeze(0).unsqueeze(0) == idx.unsqueeze(2)).int().argmax(2)
+        assert torch.equal(k, brute), kw
+        assert torch.equal(flat.view(1, 1, *flat.shape).expand(*shape[:2], *flat.shape).gather(2, k.unsqueeze(2))
+                           .squeeze(2), idx)
+
+
+SOFT_GEOMETRIES = [(2, (2, 3, 9, 10), dict(kernel_size=3, stride=2, padding=1)),
+                   (2, (1, 2, 8, 7), dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), ceil_mode=True)),
+                   (1, (2, 3, 11), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+                   (3, (1, 2, 5, 6, 4), dict(kernel_size=2, stride=(1, 2, 2), padding=(1, 0, 1)))]
+
+
+@pytest.mark.parametrize("ndim,shape,kw", SOFT_GEOMETRIES)
+def test_soft_maxpool_gate_and_read_equal_the_unfolded_windows(ndim, shape, kw):
+    """The soft max-pool gate (softmax over each window) and the value network's read under it equal the same
+    computation on pool_windows' unfolded copy, values and gradients (padding, dilation, ceil-mode overhang,
+    overlapping windows, 1-3 spatial dimensions); gradcheck in float64."""
+    from relu2dlgn import maxpool_gate
+    geo = PoolGeometry.make(ndim, **kw)
+    z = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    g = maxpool_gate.soft_gate(z, geo)
+    ref_g = torch.softmax(G.pool_windows(z, geo, -math.inf), 2)
+    out = maxpool_gate.soft_select(v, g, geo)
+    ref = (G.pool_windows(v, geo, 0.0) * ref_g).sum(2)
+    assert torch.allclose(g, ref_g) and torch.allclose(out, ref)
+    w = torch.randn_like(out)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(out, (z, v), w),
+                                                     torch.autograd.grad(ref, (z, v), w)))
+    assert torch.autograd.gradcheck(lambda z: maxpool_gate.soft_gate(z, geo), (z,))
+    assert torch.autograd.gradcheck(lambda v, g: maxpool_gate.soft_select(v, g, geo), (v, g.detach().requires_grad_()))
+
+
+def test_cpu_max_pool_with_indices_equals_the_nchw_kernel_on_ties_and_nan():
+    """gates.max_pool_with_indices pools a CPU 4-d tensor channels-last: the same values and indices as the NCHW
+    kernel, ties (first maximum), infinities and NaN (wins) included, and contiguous outputs."""
+    geo = PoolGeometry.make(2, 3, 2, 1)
+    q = torch.randn(2, 5, 9, 8).relu()  # zeros: ties
+    q[0, 1, 2, 3] = float("nan")
+    q[1, 2, 4:6, 4:6] = float("inf")
+    q[1, 3] = float("-inf")
+    values, idx = G.max_pool_with_indices(q, geo)
+    ref_v, ref_i = F.max_pool2d(q, 3, 2, 1, return_indices=True)
+    assert torch.equal(idx, ref_i) and torch.allclose(values, ref_v, equal_nan=True)
+    assert values.is_contiguous() and idx.is_contiguous()

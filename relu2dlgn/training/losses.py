@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..gates import GateSpec, hard_maxpool_gate, make_gate, pool_windows
+from ..maxpool_gate import window_offsets
 from ..sites import GateSite
 from .config import DistillOptions
 
@@ -37,7 +38,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 
 def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta: float | torch.Tensor, *,
-                    loss: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+                    loss: bool = True, gate: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor, int]:
     """One site's gate-agreement loss and agreement count against the teacher.
 
     ``teacher`` is the teacher's pre-activation ``q^T`` at the site, or its hard gate (a teacher made with
@@ -49,6 +51,12 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
     max-pool the cross-entropy of each window's soft-max ``softmax(beta q)`` against the teacher's arg max,
     ``logsumexp(beta q_window) - beta q_target``. Agreement: the number of hard gate decisions that equal the
     teacher's (on/off, the linear piece for hardtanh, the arg max for max-pool) and the number of decisions.
+
+    ``gate``: the student's soft gate at the site as its forward pass made it (``make_gate(spec, q, beta,
+    hard=False)``, the same ``beta``; what :meth:`relu2dlgn.DLGN.run` returns in ``gates``). A max-pool site then
+    reads the window soft-max from it instead of unfolding the windows a second time: with ``m`` the student's
+    arg max and ``t`` the teacher's, ``-log softmax_t = beta (q_m - q_t) - log softmax_m`` — the same value and
+    gradient, and stable, as ``softmax_m >= 1/K``.
 
     Returns ``(loss or None, agreeing decisions, decisions)``.
     """
@@ -71,6 +79,12 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
             agree = student == target
         if not loss:
             return None, agree.sum(), agree.numel()
+        if gate is not None and gate.is_floating_point():
+            k = window_offsets(student, geo, q.shape[2:]).unsqueeze(2)
+            at_max = gate.float().gather(2, k).squeeze(2)
+            q_flat = q.flatten(2)
+            gap = (q_flat.gather(2, student.flatten(2)) - q_flat.gather(2, target.flatten(2))).view(student.shape)
+            return (beta * gap - at_max.log()).mean(), agree.sum(), agree.numel()
         scaled = q * beta
         top = scaled.detach().flatten(2).gather(2, student.flatten(2)).view(student.shape)  # window maxima: beta > 0
         # cross-entropy of each window's soft-max against the teacher's arg max: logsumexp minus the target's logit
@@ -156,7 +170,8 @@ class Objective:
         self._checked = False
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, qs: Sequence[torch.Tensor], t_logits: torch.Tensor | None,
-                 t_qs: Sequence[torch.Tensor] | None, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 t_qs: Sequence[torch.Tensor] | None, beta: float, gates: Sequence[torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         d = self.options
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         parts = {"ce": ce.detach()}
@@ -167,7 +182,7 @@ class Objective:
             loss = (1 - d.kd_weight) * ce + d.kd_weight * kd
             parts["kd"] = kd.detach()
         if t_qs is not None and self.pairs:
-            terms = self.site_terms(qs, t_qs, beta, loss=self.use_gate_loss)
+            terms = self.site_terms(qs, t_qs, beta, loss=self.use_gate_loss, gates=gates)
             parts.update(self.agreement(terms, logits.device))
             if self.use_gate_loss:
                 g = torch.stack([t for t, _, _ in terms]).mean()  # type: ignore[misc]
@@ -177,8 +192,10 @@ class Objective:
         return loss, parts
 
     def site_terms(self, qs: Sequence[torch.Tensor], t_qs: Sequence[torch.Tensor], beta: float | torch.Tensor, *,
-                   loss: bool) -> list[tuple[torch.Tensor | None, torch.Tensor, int]]:
-        """:func:`site_gate_terms` for every matched pair (shapes checked once, naming the site)."""
+                   loss: bool, gates: Sequence[torch.Tensor] | None = None
+                   ) -> list[tuple[torch.Tensor | None, torch.Tensor, int]]:
+        """:func:`site_gate_terms` for every matched pair (shapes checked once, naming the site); ``gates``: the
+        student's gates from the same forward pass, made with ``beta``."""
         if not self._checked:
             for i, j in self.pairs:
                 expected = tuple(qs[i].shape) if t_qs[j].is_floating_point() else _gate_shape(self.specs[i], qs[i])
@@ -190,7 +207,8 @@ class Objective:
                                      f"{tuple(t_qs[j].shape)} (expected {expected}); the teacher is not the model "
                                      f"the DLGN was converted from")
             self._checked = True
-        return [site_gate_terms(self.specs[i], qs[i], t_qs[j], beta, loss=loss) for i, j in self.pairs]
+        return [site_gate_terms(self.specs[i], qs[i], t_qs[j], beta, loss=loss, gate=None if gates is None else gates[i])
+                for i, j in self.pairs]
 
     @staticmethod
     def agreement(terms: Sequence[tuple[Any, torch.Tensor, int]], device: torch.device) -> dict[str, torch.Tensor]:

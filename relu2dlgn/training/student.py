@@ -42,8 +42,8 @@ class Student:
         raise InputError(f"{type(self.module).__name__} has no gates, so no beta")
 
     def forward(self, inputs: Sequence[Any], *, hard: bool, beta: torch.Tensor | float | None = None
-                ) -> tuple[Any, tuple[torch.Tensor, ...]]:
-        """``(output, pre-activations)``; soft gates with ``beta`` unless ``hard``."""
+                ) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """``(output, pre-activations, gates)``; soft gates with ``beta`` unless ``hard``."""
         raise NotImplementedError
 
     def save(self, path: str) -> None:
@@ -72,9 +72,9 @@ class DLGNStudent(Student):
         self.module.beta = value
 
     def forward(self, inputs: Sequence[Any], *, hard: bool, beta: torch.Tensor | float | None = None
-                ) -> tuple[Any, tuple[torch.Tensor, ...]]:
+                ) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         r = self.module.run(*inputs, hard=hard, beta=beta)
-        return r.output, r.pre_activations
+        return r.output, r.pre_activations, r.gates
 
     def save(self, path: str) -> None:
         self.module.save(path)
@@ -94,8 +94,8 @@ class ClassifierStudent(Student):
         return {"model": self.module}
 
     def forward(self, inputs: Sequence[Any], *, hard: bool, beta: torch.Tensor | float | None = None
-                ) -> tuple[Any, tuple[torch.Tensor, ...]]:
-        return self.module(*inputs), ()
+                ) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        return self.module(*inputs), (), ()
 
     def save(self, path: str) -> None:
         from safetensors.torch import save_model

@@ -18,13 +18,12 @@ from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from ..capture import capture
 from ..dlgn import DLGN
 from ..errors import InputError
-from ..gates import GateSpec, make_gate
+from ..gates import GateSpec, PoolGeometry, make_gate, max_pool_with_indices
 from ..rewrite import alias_analysis, drop_needless_clones
 from ..sites import find_sites
 from ..utils.modes import eval_mode
@@ -105,8 +104,7 @@ def _hard_gate(q: torch.Tensor, kind: str, lo: float, hi: float) -> torch.Tensor
 def _max_pool_with_indices(q: torch.Tensor, ndim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...],
                            padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool) -> Any:
     """``(values, per-plane arg-max indices)`` of a max-pool site: the indices are its hard gate."""
-    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[ndim]
-    return fn(q, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+    return max_pool_with_indices(q, PoolGeometry(ndim, kernel_size, stride, padding, dilation, ceil_mode))
 
 
 class DLGNTeacher(nn.Module):

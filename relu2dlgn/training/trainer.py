@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class _StepModule(nn.Module):
-    """What DistributedDataParallel wraps: one forward of the DLGN returning (output, pre-activations).
+    """What DistributedDataParallel wraps: one forward of the DLGN returning (output, pre-activations, gates).
 
     ``beta`` is a 0-d tensor, not the Python float ``dlgn.beta``, so that torch.compile does not recompile
     every time the schedule changes it. With frozen gating the gates are hard (the gating network is in eval
@@ -49,7 +49,7 @@ class _StepModule(nn.Module):
         self.student = student
         self.frozen_gating = frozen_gating
 
-    def forward(self, beta: torch.Tensor, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
+    def forward(self, beta: torch.Tensor, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         return self.student.forward(inputs, hard=self.frozen_gating, beta=beta)
 
 
@@ -194,9 +194,9 @@ class Trainer:
                     t_out, t_qs = self.teacher(*inputs)
                     t_logits = select_logits(t_out, self.cfg.logits, "the teacher")
             beta = torch.tensor(self.student.beta or 1.0, dtype=torch.float32, device=self.device)
-            out, qs = self.step_module(beta, *inputs)
+            out, qs, gates = self.step_module(beta, *inputs)
             logits = select_logits(out, self.cfg.logits)
-            loss, parts = self.objective(logits, y, qs, t_logits, t_qs, self.student.beta or 1.0)
+            loss, parts = self.objective(logits, y, qs, t_logits, t_qs, self.student.beta or 1.0, gates)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss, parts, logits
@@ -277,7 +277,7 @@ class Trainer:
         for batch in self._bar(loader, "validate", None, leave=False):
             inputs, y = self._inputs(batch)
             with self._autocast():
-                out, qs = self.student.forward(inputs, hard=True)
+                out, qs, _ = self.student.forward(inputs, hard=True)
                 logits = select_logits(out, self.cfg.logits).float()
                 if self.teacher is not None and self.pairs:
                     _, t_qs = self.teacher(*inputs)

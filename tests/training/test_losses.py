@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from relu2dlgn.gates import GateSpec, PoolGeometry, pool_windows
+from relu2dlgn.gates import GateSpec, PoolGeometry, make_gate, pool_windows
 from relu2dlgn.training import beta_at, kd_loss, lr_factor, site_gate_terms
 
 
@@ -75,3 +75,30 @@ def test_maxpool_term_gradient_and_ties_against_references():
     assert site_gate_terms(two, q, first, 1.0)[1].item() == 1
     assert site_gate_terms(two, q, second, 1.0)[1].item() == 0
     assert site_gate_terms(two, q, second, 1.0, loss=False)[1].item() == 0
+
+
+def test_maxpool_term_from_the_forward_gate_equals_the_unfolded_windows():
+    """Given the soft gate of the forward pass, the max-pool term reads the window soft-max from it: the same loss
+    and gradient as cross_entropy over the unfolded windows (overlapping, padded, ceil-mode windows; ties), and
+    finite where the teacher's element is far below the window maximum (its probability underflows to 0)."""
+    for geo, shape in ((PoolGeometry.make(2, 3, 2, 1), (2, 3, 9, 10)),
+                       (PoolGeometry.make(2, 2, 2, 0, ceil_mode=True), (2, 2, 7, 5)),
+                       (PoolGeometry.make(1, 3, 2, 1), (2, 3, 11))):
+        spec = GateSpec("maxpool", pool=geo)
+        q = torch.randn(shape, dtype=torch.float64)
+        q[0, 0] = q[0, 0].clamp_min(0)  # ReLU'd: ties at 0
+        q[1, 0] *= 50  # beta * gap ~ 1e3: exp underflows
+        q.requires_grad_(True)
+        qt = torch.randn(shape, dtype=torch.float64)
+        beta = 2.5
+        gate = make_gate(spec, q, beta, hard=False)
+        loss, agree, n = site_gate_terms(spec, q, qt, beta, gate=gate)
+        ref_loss, ref_agree, ref_n = site_gate_terms(spec, q, qt, beta)
+        wq, wt = pool_windows(q, geo, -math.inf).movedim(2, -1), pool_windows(qt, geo, -math.inf).movedim(2, -1)
+        ref = F.cross_entropy((beta * wq).reshape(-1, wq.shape[-1]), wt.argmax(-1).reshape(-1))
+        assert torch.isfinite(loss) and torch.allclose(loss.double(), ref) and torch.allclose(ref_loss.double(), ref)
+        assert torch.allclose(torch.autograd.grad(loss, q)[0], torch.autograd.grad(ref, q)[0], atol=1e-6)
+        assert (agree.item(), n) == (ref_agree.item(), ref_n)
+    # a hard gate (frozen gating) is not a soft-max: the windows are unfolded as without a gate
+    hard = make_gate(spec, q.detach(), beta, hard=True)
+    assert torch.allclose(site_gate_terms(spec, q, qt, beta, gate=hard)[0], site_gate_terms(spec, q, qt, beta)[0])
