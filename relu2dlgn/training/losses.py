@@ -53,10 +53,11 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
     teacher's (on/off, the linear piece for hardtanh, the arg max for max-pool) and the number of decisions.
 
     ``gate``: the student's soft gate at the site as its forward pass made it (``make_gate(spec, q, beta,
-    hard=False)``, the same ``beta``; what :meth:`relu2dlgn.DLGN.run` returns in ``gates``). A max-pool site then
-    reads the window soft-max from it instead of unfolding the windows a second time: with ``m`` the student's
-    arg max and ``t`` the teacher's, ``-log softmax_t = beta (q_m - q_t) - log softmax_m`` — the same value and
-    gradient, and stable, as ``softmax_m >= 1/K``.
+    hard=False)``, the same ``beta``; what :meth:`relu2dlgn.DLGN.run` returns in ``gates``), which saves passes
+    over the activations with the same value and gradient: a ReLU-family site's gradient is then ``beta (g - t) /
+    n`` from the gate ``g`` (:class:`_GateBCE`); a max-pool site reads the window soft-max from it instead of
+    unfolding the windows a second time: with ``m`` the student's arg max and ``t`` the teacher's, ``-log
+    softmax_t = beta (q_m - q_t) - log softmax_m``, stable as ``softmax_m >= 1/K``.
 
     Returns ``(loss or None, agreeing decisions, decisions)``.
     """
@@ -68,7 +69,9 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
             agree = (make_gate(spec, q.detach(), 1.0, True) == target).all(0)
         else:
             z = q
-            agree = make_gate(spec, q.detach(), 1.0, True) == target
+            agree = (q.detach() <= 0) != target  # the hard gate is not(q <= 0)
+            if loss and gate is not None and gate.is_floating_point():
+                return _GateBCE.apply(q, gate, target, beta), agree.sum(), agree.numel()
         value = F.binary_cross_entropy_with_logits(beta * z, target.float()) if loss else None
         return value, agree.sum(), agree.numel()
     if spec.kind == "maxpool":
@@ -94,6 +97,30 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
         value = (lse - picked).mean()
         return value, agree.sum(), agree.numel()
     raise ValueError(f"unknown gate kind {spec.kind!r}")
+
+
+class _GateBCE(torch.autograd.Function):
+    """``BCE(sigmoid(beta q), t)`` averaged, for a soft gate ``g = sigmoid(beta q)`` that the forward pass already
+    computed: the value as ``(sum softplus(z) - z . t) / n`` (``z = beta q``; a dot product, no mask pass), the
+    gradient ``beta (g - t) / n`` from ``g`` — a float32 gate as it is, a lower-precision one (autocast)
+    recomputed from ``q`` in float32."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, g: torch.Tensor, target: torch.Tensor,  # type: ignore[override]
+                beta: float | torch.Tensor) -> torch.Tensor:
+        z = q * beta
+        t = target.to(z.dtype)
+        ctx.save_for_backward(q, g, t)
+        ctx.beta = beta
+        return (F.softplus(z).sum() - torch.dot(z.reshape(-1), t.reshape(-1))) / max(q.numel(), 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        q, g, t = ctx.saved_tensors
+        if g.dtype != torch.float32:
+            g = torch.sigmoid(q * ctx.beta)
+        return (g - t).mul_(grad * ctx.beta / max(q.numel(), 1)), None, None, None
 
 
 def _gate_shape(spec: GateSpec, q: torch.Tensor) -> tuple[int, ...]:

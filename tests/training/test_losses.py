@@ -102,3 +102,25 @@ def test_maxpool_term_from_the_forward_gate_equals_the_unfolded_windows():
     # a hard gate (frozen gating) is not a soft-max: the windows are unfolded as without a gate
     hard = make_gate(spec, q.detach(), beta, hard=True)
     assert torch.allclose(site_gate_terms(spec, q, qt, beta, gate=hard)[0], site_gate_terms(spec, q, qt, beta)[0])
+
+
+def test_relu_terms_from_the_forward_gate_equal_bce_with_logits():
+    """Given the soft gate sigmoid(beta q) of the forward pass, a ReLU-family site's term has BCE-with-logits'
+    value and gradient (large |beta q| included), for a float32 gate and a bfloat16 one (recomputed in float32);
+    the agreement follows the hard gate not(q <= 0): 0 and -0 are off, NaN is on."""
+    for kind in ("relu", "leaky_relu", "prelu"):
+        spec = GateSpec(kind)
+        q = (torch.randn(4, 6, 5) * 20).requires_grad_(True)
+        qt = torch.randn(4, 6, 5)
+        beta = 3.0
+        ref = F.binary_cross_entropy_with_logits(beta * q, (qt > 0).float())
+        for dtype in (torch.float32, torch.bfloat16):
+            gate = make_gate(spec, q.to(dtype), beta, hard=False)
+            loss, agree, n = site_gate_terms(spec, q, qt, beta, gate=gate)
+            assert torch.allclose(loss, ref, rtol=1e-6)
+            assert torch.allclose(torch.autograd.grad(loss, q)[0], torch.autograd.grad(ref, q, retain_graph=True)[0],
+                                  rtol=1e-5, atol=1e-9)
+            assert agree.item() == ((q > 0) == (qt > 0)).sum().item() and n == q.numel()
+    q = torch.tensor([0.0, -0.0, float("nan"), 1.0, -1.0])
+    _, agree, _ = site_gate_terms(GateSpec("relu"), q, torch.tensor([False, True, True, True, True]), 1.0, loss=False)
+    assert agree.item() == 3
