@@ -285,12 +285,7 @@ def pool_windows(x: Tensor, geo: PoolGeometry, fill: float) -> Tensor:
     spatial = x.shape[2:]
     out = geo.output_size(spatial)
     spans = [geo.dilation[i] * (geo.kernel_size[i] - 1) + 1 for i in range(nd)]
-    pad: list[int] = []
-    for i in reversed(range(nd)):  # F.pad order: last dimension first
-        right = max(0, (out[i] - 1) * geo.stride[i] + spans[i] - spatial[i] - geo.padding[i])
-        pad += [geo.padding[i], right]
-    if any(pad):
-        x = F.pad(x, pad, value=fill)
+    x = maxpool_gate.padded(x, geo, fill)
     if nd == 2:
         cols = F.unfold(x, geo.kernel_size, dilation=geo.dilation, stride=geo.stride)
         positions = [(x.shape[2 + i] - spans[i]) // geo.stride[i] + 1 for i in range(2)]

@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .gates import PoolGeometry
 
-__all__ = ["argmax_chain", "select_chain", "argmax_by_equality", "window_flat_indices", "window_offsets", "soft_gate", "soft_select"]
+__all__ = ["argmax_chain", "select_chain", "argmax_by_equality", "window_flat_indices", "window_offsets", "soft_gate", "soft_select", "padded"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,14 +120,21 @@ def _const(array: np.ndarray, like: Tensor, dtype: torch.dtype | None = None) ->
     return torch.as_tensor(array, dtype=dtype, device=like.device).reshape((1, 1) + array.shape)
 
 
-def _padded(x: Tensor, geo: "PoolGeometry", fill: float) -> Tensor:
-    """``x`` padded with ``fill`` so that every window (ceil-mode overhang included) lies inside it."""
-    size, out = x.shape[2:], geo.output_size(x.shape[2:])
-    pad: list[int] = []
-    for i in reversed(range(geo.ndim)):  # F.pad order: last dimension first
+def _pad_widths(geo: "PoolGeometry", size: Sequence[int]) -> list[tuple[int, int]]:
+    """Per spatial dimension, ``(left, right)`` padding under which every window of an input of spatial ``size``
+    (ceil-mode overhang included) lies inside the padded tensor; ``left`` is the pooling's own padding."""
+    out = geo.output_size(size)
+    widths = []
+    for i in range(geo.ndim):
         span = geo.dilation[i] * (geo.kernel_size[i] - 1) + 1
-        right = max(0, (out[i] - 1) * geo.stride[i] + span - size[i] - geo.padding[i])
-        pad += [geo.padding[i], right]
+        widths.append((geo.padding[i], max(0, (out[i] - 1) * geo.stride[i] + span - size[i] - geo.padding[i])))
+    return widths
+
+
+def padded(x: Tensor, geo: "PoolGeometry", fill: float) -> Tensor:
+    """``x`` (``(N, C, *S)``) padded with ``fill`` so that every window (ceil-mode overhang included) lies inside
+    it; ``x`` itself when no padding is needed."""
+    pad = [w for left_right in reversed(_pad_widths(geo, x.shape[2:])) for w in left_right]  # F.pad: last dim first
     return F.pad(x, pad, value=fill) if any(pad) else x
 
 
@@ -149,7 +156,7 @@ def argmax_chain(q: Tensor, geo: "PoolGeometry") -> Tensor:
     size = tuple(q.shape[2:])
     out = geo.output_size(size)
     flat, _, first = _window_constants(geo, size)
-    qp = _padded(q, geo, -math.inf)
+    qp = padded(q, geo, -math.inf)
     offsets = _offsets(geo)
     best = _view(qp, geo, out, offsets[0])
     idx = _const(first, q)  # broadcast by the first where
@@ -169,7 +176,7 @@ def select_chain(v: Tensor, idx: Tensor, geo: "PoolGeometry") -> Tensor:
     size = tuple(v.shape[2:])
     out = geo.output_size(size)
     flat, _, _ = _window_constants(geo, size)
-    vp = _padded(v, geo, 0.0)
+    vp = padded(v, geo, 0.0)
     offsets = _offsets(geo)
     res = _view(vp, geo, out, offsets[0])
     for k in range(1, len(offsets)):
@@ -208,7 +215,7 @@ class _SoftSelect(torch.autograd.Function):
         ctx.geo, ctx.size = geo, tuple(v.shape[2:])
         ctx.save_for_backward(v, g)
         out_size = geo.output_size(ctx.size)
-        phases = _phases(_padded(v, geo, 0.0), geo)
+        phases = _phases(padded(v, geo, 0.0), geo)
         out = torch.zeros(g.shape[:2] + out_size, dtype=torch.result_type(v, g), device=v.device)
         for k, (residues, starts) in enumerate(_phase_reads(geo)):
             out.addcmul_(g[:, :, k], _window(phases[residues], starts, out_size))
@@ -220,24 +227,15 @@ class _SoftSelect(torch.autograd.Function):
         v, g = ctx.saved_tensors
         geo = ctx.geo
         out_size = geo.output_size(ctx.size)
-        reads = _phase_reads(geo)
-        vp = _padded(v, geo, 0.0)
         grad = grad.contiguous()
         grad_v = grad_g = None
         if ctx.needs_input_grad[1]:
-            phases = _phases(vp, geo)
+            phases = _phases(padded(v, geo, 0.0), geo)
             grad_g = torch.empty_like(g)
-            for k, (residues, starts) in enumerate(reads):
+            for k, (residues, starts) in enumerate(_phase_reads(geo)):
                 torch.mul(grad, _window(phases[residues], starts, out_size), out=grad_g[:, :, k])
         if ctx.needs_input_grad[0]:
-            grad_vp = torch.zeros(vp.shape, dtype=grad.dtype, device=grad.device)
-            grad_phases = {r: torch.zeros_like(p) for r, p in _phases(grad_vp, geo, copy=False).items()}
-            for k, (residues, starts) in enumerate(reads):
-                _window(grad_phases[residues], starts, out_size).addcmul_(grad, g[:, :, k])
-            for residues, phase in grad_phases.items():
-                grad_vp[_phase_index(geo, residues)] = phase
-            index = (slice(None), slice(None)) + tuple(slice(p, p + n) for p, n in zip(geo.padding, ctx.size))
-            grad_v = grad_vp[index].to(v.dtype)
+            grad_v = _fold(geo, ctx.size, grad, lambda k, block: block.addcmul_(grad, g[:, :, k])).to(v.dtype)
         return grad_v, grad_g, None
 
 
@@ -252,6 +250,24 @@ def _phases(xp: Tensor, geo: "PoolGeometry", copy: bool = True) -> dict[tuple[in
     return out
 
 
+def _fold(geo: "PoolGeometry", size: tuple[int, ...], like: Tensor,
+          add: Callable[[int, Tensor], object]) -> Tensor:
+    """The gradient of an input of spatial ``size`` from per-offset contributions (the adjoint of reading the
+    windows): ``add(k, block)`` adds kernel offset ``k``'s output-sized contribution into ``block``, the part of
+    its stride phase that offset reads; the phases are then written back into the padded gradient, whose padding
+    is dropped. Shape ``like.shape[:2] + size``, ``like``'s dtype and device."""
+    widths = _pad_widths(geo, size)
+    grad = torch.zeros(like.shape[:2] + tuple(n + left + right for n, (left, right) in zip(size, widths)),
+                       dtype=like.dtype, device=like.device)
+    phases = {r: torch.zeros_like(p) for r, p in _phases(grad, geo, copy=False).items()}
+    out = geo.output_size(size)
+    for k, (residues, starts) in enumerate(_phase_reads(geo)):
+        add(k, _window(phases[residues], starts, out))
+    for residues, phase in phases.items():
+        grad[_phase_index(geo, residues)] = phase
+    return grad[(slice(None), slice(None)) + tuple(slice(left, left + n) for n, (left, _) in zip(size, widths))]
+
+
 class _SoftGate(torch.autograd.Function):
     """``softmax`` over each pooling window of ``z``, ``(N, C, K, *out)`` (padding and overhang weigh 0): the
     windows are copied out of the stride phases of the ``-inf``-padded ``z`` into one buffer, which the soft-max
@@ -263,7 +279,7 @@ class _SoftGate(torch.autograd.Function):
         ctx.geo, ctx.size = geo, tuple(z.shape[2:])
         out_size = geo.output_size(ctx.size)
         reads = _phase_reads(geo)
-        phases = _phases(_padded(z, geo, -math.inf), geo)
+        phases = _phases(padded(z, geo, -math.inf), geo)
         g = torch.empty(z.shape[:2] + (len(reads),) + out_size, dtype=z.dtype, device=z.device)
         for k, (residues, starts) in enumerate(reads):
             g[:, :, k].copy_(_window(phases[residues], starts, out_size))
@@ -276,20 +292,8 @@ class _SoftGate(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (g,) = ctx.saved_tensors
-        geo = ctx.geo
-        out_size = geo.output_size(ctx.size)
         grad_w = torch.ops.aten._softmax_backward_data(grad, g, 2, g.dtype)  # g * (grad - sum_k g_k grad_k)
-        padded = [n + 2 * p for n, p in zip(ctx.size, geo.padding)]
-        for i, (o, s, k, d) in enumerate(zip(out_size, geo.stride, geo.kernel_size, geo.dilation)):
-            padded[i] = max(padded[i], (o - 1) * s + d * (k - 1) + 1)
-        grad_zp = torch.zeros(g.shape[:2] + tuple(padded), dtype=g.dtype, device=g.device)
-        grad_phases = {r: torch.zeros_like(p) for r, p in _phases(grad_zp, geo, copy=False).items()}
-        for k, (residues, starts) in enumerate(_phase_reads(geo)):
-            _window(grad_phases[residues], starts, out_size).add_(grad_w[:, :, k])
-        for residues, phase in grad_phases.items():
-            grad_zp[_phase_index(geo, residues)] = phase
-        index = (slice(None), slice(None)) + tuple(slice(p, p + n) for p, n in zip(geo.padding, ctx.size))
-        return grad_zp[index], None
+        return _fold(ctx.geo, ctx.size, grad_w, lambda k, block: block.add_(grad_w[:, :, k])), None
 
 
 def soft_gate(z: Tensor, geo: "PoolGeometry") -> Tensor:
