@@ -48,7 +48,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .gates import PoolGeometry
 
-__all__ = ["argmax_chain", "select_chain", "argmax_by_equality", "window_flat_indices", "window_offsets", "soft_gate", "soft_select", "padded"]
+__all__ = ["argmax_chain", "select_chain", "argmax_by_equality", "window_flat_indices", "soft_gate", "soft_select",
+           "window_cross_entropy", "padded"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,26 +93,6 @@ def window_flat_indices(geo: "PoolGeometry", size: tuple[int, ...]) -> np.ndarra
     """``(K, *out)`` int64: the per-plane flat index that kernel offset ``k`` reads at each output position for a
     spatial input ``size`` (-1 outside the input); offsets in row-major order, as :func:`F.unfold` numbers them."""
     return _window_constants(geo, tuple(size))[0]
-
-
-def window_offsets(indices: Tensor, geo: "PoolGeometry", size: Sequence[int]) -> Tensor:
-    """The kernel offset (row-major scan order, as :func:`F.unfold` and :func:`relu2dlgn.gates.pool_windows` number
-    them) at which each output window reads the per-plane flat index ``indices`` (``(N, C, *out)``, each inside
-    its own window, as a hard max-pool gate is), for a spatial input ``size``: int64, shaped like ``indices``.
-
-    Integer arithmetic on the output positions: for dimension ``i``, the coordinate ``c`` of the index and the
-    window's first coordinate ``o * s - p`` give ``k_i = (c - (o * s - p)) / d``."""
-    size = tuple(size)
-    out = geo.output_size(size)
-    rest, k = indices, None
-    for i in reversed(range(geo.ndim)):
-        coord = rest % size[i]
-        rest = rest // size[i]
-        start = torch.arange(out[i], device=indices.device) * geo.stride[i] - geo.padding[i]
-        ki = (coord - start.view((-1,) + (1,) * (geo.ndim - 1 - i))) // geo.dilation[i]
-        k = ki if k is None else k + ki * math.prod(geo.kernel_size[i + 1:])
-    assert k is not None
-    return k
 
 
 def _const(array: np.ndarray, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -294,6 +275,43 @@ class _SoftGate(torch.autograd.Function):
         (g,) = ctx.saved_tensors
         grad_w = torch.ops.aten._softmax_backward_data(grad, g, 2, g.dtype)  # g * (grad - sum_k g_k grad_k)
         return _fold(ctx.geo, ctx.size, grad_w, lambda k, block: block.add_(grad_w[:, :, k])), None
+
+
+class _WindowCE(torch.autograd.Function):
+    """``mean_o (logsumexp_k z[o, k] - z[o, t_o])`` for ``z = beta q``, from the soft gate ``g = softmax_k z`` that
+    the forward pass made: the value as ``beta (q_m - q_t) - log g_m`` (``m`` the window's arg max, ``g_m`` its
+    largest weight: stable, as ``g_m >= 1/K``), the gradient ``beta (fold(g) - onehot(t)) / n`` straight into
+    ``q`` — the adjoint of the window read applied to ``g``, the target subtracted by one scatter; nothing of the
+    gate's ``(N, C, K, *out)`` size is made."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, g: Tensor, top: Tensor, target: Tensor,  # type: ignore[override]
+                beta: float, geo: "PoolGeometry") -> Tensor:
+        g = g.float()
+        picked = q.flatten(2).gather(2, target.flatten(2)).view(target.shape)
+        ctx.save_for_backward(g, target)
+        ctx.beta, ctx.geo, ctx.size, ctx.dtype = beta, geo, tuple(q.shape[2:]), q.dtype
+        return (beta * (top - picked) - g.amax(2).log()).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:  # type: ignore[override]
+        g, target = ctx.saved_tensors
+        grad_q = _fold(ctx.geo, ctx.size, g, lambda k, block: block.add_(g[:, :, k])).contiguous()
+        index = target.flatten(2)
+        grad_q.view(index.shape[:2] + (-1,)).scatter_add_(2, index, g.new_full((1, 1, 1), -1.0).expand(index.shape))
+        grad_q.mul_(grad * ctx.beta / max(target.numel(), 1))
+        return grad_q.to(ctx.dtype), None, None, None, None, None
+
+
+def window_cross_entropy(q: Tensor, g: Tensor, top: Tensor, target: Tensor, beta: float,
+                         geo: "PoolGeometry") -> Tensor:
+    """The mean cross-entropy of every pooling window's soft-max ``softmax(beta q_window)`` against the per-plane
+    flat index ``target`` (``(N, C, *out)``, each inside its window), given the soft gate ``g = soft_gate(beta q,
+    geo)`` of the same ``beta`` and the window maxima ``top`` (``max_pool(q)``): what ``cross_entropy`` of
+    ``pool_windows(beta q, geo, -inf)`` against the targets' kernel offsets computes, without a second pass over
+    the windows. Differentiable in ``q`` only (``g`` and ``top`` are read as values); once differentiable."""
+    return _WindowCE.apply(q, g.detach(), top.detach(), target, beta, geo)
 
 
 def soft_gate(z: Tensor, geo: "PoolGeometry") -> Tensor:

@@ -199,25 +199,31 @@ def test_gate_form_is_checked_and_restored():
     assert G._FORM.get() == "eager"
 
 
-def test_window_offsets_invert_window_flat_indices():
-    """window_offsets(idx) is the k with window_flat_indices[k, o] == idx (brute force), for max-pool's own indices
-    over geometries with padding, dilation, ceil-mode overhang and 1-3 spatial dimensions."""
+def test_window_cross_entropy_equals_cross_entropy_over_unfolded_windows():
+    """window_cross_entropy(q, soft gate, window maxima, teacher indices) has the value and gradient of
+    cross_entropy over the unfolded windows of beta q, with the targets' kernel offsets found by brute force
+    (flat == idx), over geometries with padding, dilation, ceil-mode overhang, 1-3 spatial dimensions and ties."""
     from relu2dlgn import maxpool_gate
     cases = [(2, (2, 3, 9, 10), dict(kernel_size=3, stride=2, padding=1)),
              (2, (1, 2, 8, 7), dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), ceil_mode=True)),
              (1, (2, 3, 11), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
              (3, (1, 2, 5, 6, 4), dict(kernel_size=2, stride=(1, 2, 2), padding=(1, 0, 1)))]
+    beta = 1.5
     for ndim, shape, kw in cases:
         geo = PoolGeometry.make(ndim, **kw)
-        q = torch.randn(shape)
-        q[0, 0] = 0.0  # ties: the first maximum
-        idx = hard_maxpool_gate(q, geo)
-        k = maxpool_gate.window_offsets(idx, geo, shape[2:])
+        q = torch.randn(shape, dtype=torch.float64)
+        q[0, 0] = q[0, 0].clamp_min(0.0)  # ties at 0
+        q.requires_grad_(True)
+        target = hard_maxpool_gate(torch.randn(shape), geo)
+        top = G.max_pool_with_indices(q.detach(), geo)[0]
+        gate = G.make_gate(G.GateSpec("maxpool", pool=geo), q, beta, hard=False)
+        value = maxpool_gate.window_cross_entropy(q, gate, top, target, beta, geo)
         flat = torch.as_tensor(maxpool_gate.window_flat_indices(geo, shape[2:]))
-        brute = (flat.unsqueeze(0).unsqueeze(0) == idx.unsqueeze(2)).int().argmax(2)
-        assert torch.equal(k, brute), kw
-        assert torch.equal(flat.view(1, 1, *flat.shape).expand(*shape[:2], *flat.shape).gather(2, k.unsqueeze(2))
-                           .squeeze(2), idx)
+        offsets = (flat.unsqueeze(0).unsqueeze(0) == target.unsqueeze(2)).int().argmax(2)
+        windows = G.pool_windows(beta * q, geo, -math.inf).movedim(2, -1)
+        ref = F.cross_entropy(windows.reshape(-1, windows.shape[-1]), offsets.reshape(-1))
+        assert torch.allclose(value, ref), kw
+        assert torch.allclose(torch.autograd.grad(value, q)[0], torch.autograd.grad(ref, q)[0]), kw
 
 
 SOFT_GEOMETRIES = [(2, (2, 3, 9, 10), dict(kernel_size=3, stride=2, padding=1)),

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..gates import GateSpec, hard_maxpool_gate, make_gate, pool_windows
-from ..maxpool_gate import window_offsets
+from ..gates import GateSpec, make_gate, max_pool_with_indices, pool_windows
+from ..maxpool_gate import window_cross_entropy
 from ..sites import GateSite
 from .config import DistillOptions
 
@@ -56,8 +56,9 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
     hard=False)``, the same ``beta``; what :meth:`relu2dlgn.DLGN.run` returns in ``gates``), which saves passes
     over the activations with the same value and gradient: a ReLU-family site's gradient is then ``beta (g - t) /
     n`` from the gate ``g`` (:class:`_GateBCE`); a max-pool site reads the window soft-max from it instead of
-    unfolding the windows a second time: with ``m`` the student's arg max and ``t`` the teacher's, ``-log
-    softmax_t = beta (q_m - q_t) - log softmax_m``, stable as ``softmax_m >= 1/K``.
+    unfolding the windows a second time (:func:`relu2dlgn.maxpool_gate.window_cross_entropy`: with ``m`` the
+    student's arg max and ``t`` the teacher's, ``-log softmax_t = beta (q_m - q_t) - log softmax_m``, stable as
+    ``softmax_m >= 1/K``; gradient ``beta (g - onehot(t))`` per window, folded back onto ``q``).
 
     Returns ``(loss or None, agreeing decisions, decisions)``.
     """
@@ -71,48 +72,48 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
             z = q
             agree = (q.detach() <= 0) != target  # the hard gate is not(q <= 0)
             if loss and gate is not None and gate.is_floating_point():
-                return _GateBCE.apply(q, gate, target, beta), agree.sum(), agree.numel()
-        value = F.binary_cross_entropy_with_logits(beta * z, target.float()) if loss else None
-        return value, agree.sum(), agree.numel()
+                return _GateBCE.apply(q, gate, target, beta), _count(agree), agree.numel()
+        value = F.binary_cross_entropy_with_logits(beta * z, _as_float(target, z.dtype)) if loss else None
+        return value, _count(agree), agree.numel()
     if spec.kind == "maxpool":
         geo = spec.pool
         assert geo is not None
         with torch.no_grad():  # the student's hard gate (max-pool's own first-maximum rule)
-            student = hard_maxpool_gate(q.detach(), geo)
+            top, student = max_pool_with_indices(q.detach(), geo)
             agree = student == target
         if not loss:
-            return None, agree.sum(), agree.numel()
+            return None, _count(agree), agree.numel()
         if gate is not None and gate.is_floating_point():
-            k = window_offsets(student, geo, q.shape[2:]).unsqueeze(2)
-            at_max = gate.float().gather(2, k).squeeze(2)
-            q_flat = q.flatten(2)
-            gap = (q_flat.gather(2, student.flatten(2)) - q_flat.gather(2, target.flatten(2))).view(student.shape)
-            return (beta * gap - at_max.log()).mean(), agree.sum(), agree.numel()
+            return window_cross_entropy(q, gate, top, target, beta, geo), _count(agree), agree.numel()
         scaled = q * beta
-        top = scaled.detach().flatten(2).gather(2, student.flatten(2)).view(student.shape)  # window maxima: beta > 0
+        top = top * beta  # window maxima: beta > 0
         # cross-entropy of each window's soft-max against the teacher's arg max: logsumexp minus the target's logit
         windows = pool_windows(scaled, geo, -math.inf)  # (N, C, K, *O)
         lse = top + (windows - top.unsqueeze(2)).exp().sum(2).log()
         picked = scaled.flatten(2).gather(2, target.flatten(2)).view(target.shape)
         value = (lse - picked).mean()
-        return value, agree.sum(), agree.numel()
+        return value, _count(agree), agree.numel()
     raise ValueError(f"unknown gate kind {spec.kind!r}")
 
 
 class _GateBCE(torch.autograd.Function):
     """``BCE(sigmoid(beta q), t)`` averaged, for a soft gate ``g = sigmoid(beta q)`` that the forward pass already
-    computed: the value as ``(sum softplus(z) - z . t) / n`` (``z = beta q``; a dot product, no mask pass), the
-    gradient ``beta (g - t) / n`` from ``g`` — a float32 gate as it is, a lower-precision one (autocast)
-    recomputed from ``q`` in float32."""
+    computed: the value as ``(sum softplus(beta q) - beta q . t) / n`` (a dot product, no mask pass; the boolean
+    target read as bytes, which converts to float several times faster than ``bool``), the gradient ``beta (g -
+    t) / n`` from ``g`` — a float32 gate as it is, a lower-precision one (autocast) recomputed from ``q`` in
+    float32."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, g: torch.Tensor, target: torch.Tensor,  # type: ignore[override]
                 beta: float | torch.Tensor) -> torch.Tensor:
-        z = q * beta
-        t = target.to(z.dtype)
+        t = _as_float(target, q.dtype)
+        if isinstance(beta, torch.Tensor):
+            softplus = F.softplus(q * beta).sum()
+        else:  # softplus(beta q) / beta, without a beta q pass
+            softplus = F.softplus(q, beta=beta).sum() * beta
         ctx.save_for_backward(q, g, t)
         ctx.beta = beta
-        return (F.softplus(z).sum() - torch.dot(z.reshape(-1), t.reshape(-1))) / max(q.numel(), 1)
+        return (softplus - torch.dot(q.reshape(-1), t.reshape(-1)) * beta) / max(q.numel(), 1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -120,7 +121,18 @@ class _GateBCE(torch.autograd.Function):
         q, g, t = ctx.saved_tensors
         if g.dtype != torch.float32:
             g = torch.sigmoid(q * ctx.beta)
-        return (g - t).mul_(grad * ctx.beta / max(q.numel(), 1)), None, None, None
+        return torch.sub(g, t).mul_(grad * ctx.beta / max(q.numel(), 1)), None, None, None
+
+
+def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as 0/1 of ``dtype`` (through a byte view: the ``bool`` -> float cast is not vectorised)."""
+    return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).to(dtype)
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """The number of true elements of a boolean mask (an int32 sum where it cannot overflow: several times
+    faster than the default int64 one)."""
+    return mask.sum(dtype=torch.int32 if mask.numel() < 2 ** 31 else torch.int64)
 
 
 def _gate_shape(spec: GateSpec, q: torch.Tensor) -> tuple[int, ...]:

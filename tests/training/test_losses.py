@@ -83,6 +83,8 @@ def test_maxpool_term_from_the_forward_gate_equals_the_unfolded_windows():
     finite where the teacher's element is far below the window maximum (its probability underflows to 0)."""
     for geo, shape in ((PoolGeometry.make(2, 3, 2, 1), (2, 3, 9, 10)),
                        (PoolGeometry.make(2, 2, 2, 0, ceil_mode=True), (2, 2, 7, 5)),
+                       (PoolGeometry.make(2, (3, 2), (1, 2), (1, 0), dilation=(2, 1)), (2, 2, 8, 7)),
+                       (PoolGeometry.make(3, 2, 2, 1), (2, 2, 4, 5, 3)),
                        (PoolGeometry.make(1, 3, 2, 1), (2, 3, 11))):
         spec = GateSpec("maxpool", pool=geo)
         q = torch.randn(shape, dtype=torch.float64)
