@@ -18,6 +18,11 @@ too (``--cpu-time``: ratios from it), which other processes on a shared machine 
 too when present (bf16 autocast and channels_last there, as the Trainer does).  Targets: the DLGN step <= 2.1x,
 the distillation step <= 2.5x.
 
+``--malloc retain`` (the default) keeps freed memory in the process from the start, for every row alike, as a
+CPU training job does (:func:`relu2dlgn.utils.memory.retain_freed_memory`, the ``retain_memory`` option: glibc's
+trim/mmap thresholds); ``--malloc default`` leaves glibc adaptive, where the DLGN's steps fault their large
+temporaries in again every step and the source's do not.
+
 ``--memory``: the peak resident memory of training (the high-water mark ``VmHWM`` of a fresh process that builds
 the model and runs ``--steps`` steps, less that of one that only imports torch) for the source, the DLGN and the DLGN with
 distillation, and the ratios; target <= 2.2x.
@@ -44,6 +49,7 @@ from torch import nn
 
 import relu2dlgn
 from relu2dlgn.training import FinetuneConfig, TeacherTap, Trainer, kd_loss, match_sites, site_gate_terms
+from relu2dlgn.utils.memory import retain_freed_memory
 from relu2dlgn.zoo import create_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -113,19 +119,19 @@ def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch
 
 
 def trainer_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                 distill: bool, compile: bool = False) -> Callable:
+                 distill: bool, compile: bool = False, retain: bool = True) -> Callable:
     """One Trainer epoch of one batch: the full step (metrics, NaN guard, beta schedule), with or without
     distillation from the source network, eager or compiled."""
     teacher = copy.deepcopy(model).eval()
     dlgn = relu2dlgn.convert(teacher, example_inputs=x[:2])
     cfg = FinetuneConfig.from_options(epochs=1, progress=False, recalibrate_bn=0, eval_before=False,
-                                      device=str(device), compile=compile)
+                                      device=str(device), compile=compile, retain_memory=retain)
     trainer = Trainer(dlgn, [(x, y)], teacher=teacher if distill else None, config=cfg)
     return lambda: trainer.train_epoch(1)
 
 
 def bench(spec: str, size: int, batch: int, device: torch.device, steps: int, repeats: int,
-          compile: bool = False) -> dict[str, Any]:
+          compile: bool = False, retain: bool = True) -> dict[str, Any]:
     torch.manual_seed(0)
     model = create_model(spec, num_classes=10).eval()
     x = torch.randn(batch, 3, size, size, device=device)
@@ -135,12 +141,12 @@ def bench(spec: str, size: int, batch: int, device: torch.device, steps: int, re
         x = x.contiguous(memory_format=torch.channels_last)
         model = model.to(memory_format=torch.channels_last)
     fns = make_steps(model, x, y, device)
-    fns["Trainer"] = trainer_step(model, x, y, device, distill=False)
-    fns["Trainer (distill)"] = trainer_step(model, x, y, device, distill=True)
+    fns["Trainer"] = trainer_step(model, x, y, device, distill=False, retain=retain)
+    fns["Trainer (distill)"] = trainer_step(model, x, y, device, distill=True, retain=retain)
     compile_s: dict[str, float] = {}
     if compile:
         for name, distill in (("Trainer (compile)", False), ("Trainer (distill, compile)", True)):
-            fns[name] = trainer_step(model, x, y, device, distill=distill, compile=True)
+            fns[name] = trainer_step(model, x, y, device, distill=distill, compile=True, retain=retain)
             t = time.perf_counter()
             fns[name]()  # compiles
             compile_s[name] = time.perf_counter() - t
@@ -170,6 +176,9 @@ _MEMORY_CHILD = """
 import resource, sys, torch
 sys.path.insert(0, {here!r})
 torch.set_num_threads({threads})
+if {retain!r}:
+    from relu2dlgn.utils.memory import retain_freed_memory
+    retain_freed_memory()
 if {what!r} != "baseline":
     from train_step import make_steps
     from relu2dlgn.zoo import create_model
@@ -188,13 +197,13 @@ except OSError:
 """
 
 
-def peak_memory(spec: str, size: int, batch: int, steps: int, threads: int) -> dict[str, float]:
+def peak_memory(spec: str, size: int, batch: int, steps: int, threads: int, retain: bool) -> dict[str, float]:
     """Peak resident bytes of training, per step kind, each in a fresh process, less an idle torch process's."""
     here = os.path.dirname(os.path.abspath(__file__))
     out = {}
     for what in ("baseline", "source", "dlgn", "dlgn + distill"):
         code = _MEMORY_CHILD.format(here=here, threads=threads, what=what, spec=spec, batch=batch, size=size,
-                                    steps=steps)
+                                    steps=steps, retain=retain)
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         out[what] = float(res.stdout.strip().splitlines()[-1])
     base = out.pop("baseline")
@@ -213,18 +222,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also time the Trainer step with compile=True")
     p.add_argument("--memory", action="store_true", help="also measure the peak memory of training (CPU)")
     p.add_argument("--cpu-time", action="store_true", help="ratios of the timing thread's CPU time")
+    p.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                   help="retain: keep freed memory in the process (as a CPU training job does; every row alike); "
+                        "default: glibc's adaptive thresholds")
     p.add_argument("--out", default="benchmarks/results/train_step.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "retain":
+        retain_freed_memory()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     results = []
     for device in devices:
         for spec in args.models.split(","):
             batch = args.gpu_batch if device.type == "cuda" else args.batch
-            r = bench(spec, args.size, batch, device, args.steps, args.repeats, compile=args.compile)
+            r = bench(spec, args.size, batch, device, args.steps, args.repeats, compile=args.compile,
+                      retain=args.malloc == "retain")
             if args.memory and device.type == "cpu":
-                r["peak_bytes"] = peak_memory(spec, args.size, batch, args.steps, torch.get_num_threads())
+                r["peak_bytes"] = peak_memory(spec, args.size, batch, args.steps, torch.get_num_threads(),
+                                              args.malloc == "retain")
                 r["peak_ratio"] = {k: v / r["peak_bytes"]["source"] for k, v in r["peak_bytes"].items()}
             results.append(r)
             print(json.dumps({"model": spec, "device": str(device), "load": round(r["load"], 1),
@@ -246,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['peak_ratio']['dlgn + distill']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    info = machine()
+    info = machine() + f"; malloc {args.malloc}"
     if torch.cuda.is_available():
         info += f"; {torch.cuda.get_device_name()}"
     print(f"\n{info}\n{table}")

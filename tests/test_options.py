@@ -118,7 +118,7 @@ def test_parse_shape():
 
 def test_finetune_config_leaf_names_are_unique_and_documented():
     leaves = flat_fields(FinetuneConfig)
-    assert len({leaf.name for leaf in leaves}) == len(leaves) == 32
+    assert len({leaf.name for leaf in leaves}) == len(leaves) == 33
     assert all(leaf.help for leaf in leaves)
 
 

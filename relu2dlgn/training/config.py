@@ -71,6 +71,9 @@ class RuntimeOptions:
     amp: bool | None = option(None, "bf16 autocast (default: on CUDA)")
     channels_last: bool | None = option(None, "channels-last memory format (default: on CUDA for conv nets)")
     compile: bool = option(False, "torch.compile the training step")
+    retain_memory: bool | None = option(None, "keep freed memory in the process instead of returning it to the OS "
+                                              "after every step (glibc malloc thresholds, for the rest of the "
+                                              "process; default: on for CPU jobs)")
     progress: bool = option(True, "progress bars")
 
 

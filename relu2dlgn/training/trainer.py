@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from ..dlgn import DLGN
 from ..errors import InputError, OptionError
 from ..options import to_dict, validate
+from ..utils.memory import retain_freed_memory
 from ..utils.threads import job_device
 from .batches import EMPTY_VAL, check_loaders, split_batch, to_device
 from .checkpoint import MODEL_DIR, latest_checkpoint, restore_checkpoint, save_checkpoint
@@ -90,6 +91,8 @@ class Trainer:
         has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in self.model.modules())
         self.channels_last = rt.channels_last if rt.channels_last is not None else \
             (self.device.type == "cuda" and has_conv)
+        if rt.retain_memory or (rt.retain_memory is None and self.device.type == "cpu"):
+            retain_freed_memory()
         dlgn.to(self.device)
         if self.channels_last:
             dlgn.to(memory_format=torch.channels_last)
