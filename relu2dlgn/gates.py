@@ -182,16 +182,48 @@ def max_pool_with_indices(q: Tensor, geo: PoolGeometry) -> tuple[Tensor, Tensor]
 # gate applied to a value (these are the call targets the value graph contains)
 # --------------------------------------------------------------------------------------------------
 
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
+
+
+def _bitwise(g: Tensor, v: Tensor, other: Tensor | None = None) -> bool:
+    """Whether ``where(g, v, other)`` runs as integer bit operations on the floats' bit patterns (:func:`_select`):
+    in eager mode on the CPU without autograd, where ``torch.where``'s kernel is ~20x slower than the bit passes
+    (measured: 2.3 ms against 0.1 ms for 32x64x16x16 float32); traced, compiled and exported graphs keep
+    ``where``, and so does a value that needs a gradient (hard gates in training: ``freeze_gating``)."""
+    return (v.device.type == "cpu" and v.dtype in _BITS and g.dtype == torch.bool and _FORM.get() == "eager"
+            and (other is None or other.dtype == v.dtype)
+            and not (torch.is_grad_enabled() and (v.requires_grad or (other is not None and other.requires_grad)))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.jit.is_scripting())
+
+
+def _select(g: Tensor, v: Tensor, other: Tensor | None = None, inplace: bool = False) -> Tensor:
+    """``where(g, v, other)`` (``other`` None: +0) bit for bit — each element is one operand's bit pattern, so NaN,
+    infinities and -0 pass unchanged — as ``v & m`` or ``other ^ ((v ^ other) & m)``, ``m`` all ones where ``g``;
+    ``inplace``: written into ``v`` (the shapes must then broadcast to ``v``'s)."""
+    bits = _BITS[v.dtype]
+    mask = g.view(torch.uint8).to(bits).neg_()
+    vb = v.view(bits)
+    if other is None:
+        res = vb.bitwise_and_(mask) if inplace else torch.bitwise_and(vb, mask)
+    else:
+        ob = other.view(bits)
+        res = (vb.bitwise_xor_(ob) if inplace else torch.bitwise_xor(vb, ob)).bitwise_and_(mask).bitwise_xor_(ob)
+    return v if inplace else res.view(v.dtype)
+
+
 @fx_leaf
 def gate_relu(v: Tensor, g: Tensor) -> Tensor:
     if g.dtype == torch.bool:
-        return torch.where(g, v, 0.0)
+        return _select(g, v) if _bitwise(g, v) else torch.where(g, v, 0.0)
     return v * g
 
 
 @fx_leaf
 def gate_relu_(v: Tensor, g: Tensor) -> Tensor:
     if g.dtype == torch.bool:
+        if _bitwise(g, v) and torch.broadcast_shapes(g.shape, v.shape) == v.shape:
+            return _select(g, v, inplace=True)
         return v.copy_(torch.where(g, v, 0.0))
     return v.mul_(g)
 
@@ -200,17 +232,26 @@ def _slope(g: Tensor, a: Tensor | float) -> Tensor:
     return g + a * (1 - g)
 
 
+def _piece(g: Tensor, v: Tensor, a: Tensor | float, inplace: bool) -> Tensor:
+    """``where(g, v, a v)`` (written into ``v`` when ``inplace``)."""
+    off = v * a
+    if _bitwise(g, v, off) and torch.broadcast_shapes(g.shape, v.shape, off.shape) == v.shape:
+        return _select(g, v, off, inplace)
+    res = torch.where(g, v, off)
+    return v.copy_(res) if inplace else res
+
+
 @fx_leaf
 def gate_leaky_relu(v: Tensor, g: Tensor, negative_slope: float) -> Tensor:
     if g.dtype == torch.bool:
-        return torch.where(g, v, v * negative_slope)
+        return _piece(g, v, negative_slope, False)
     return v * _slope(g, negative_slope)
 
 
 @fx_leaf
 def gate_leaky_relu_(v: Tensor, g: Tensor, negative_slope: float) -> Tensor:
     if g.dtype == torch.bool:
-        return v.copy_(torch.where(g, v, v * negative_slope))
+        return _piece(g, v, negative_slope, True)
     return v.mul_(_slope(g, negative_slope))
 
 
@@ -226,7 +267,7 @@ def _prelu_weight(v: Tensor, weight: Tensor) -> Tensor:
 def gate_prelu(v: Tensor, g: Tensor, weight: Tensor) -> Tensor:
     w = _prelu_weight(v, weight)
     if g.dtype == torch.bool:
-        return torch.where(g, v, v * w)
+        return _piece(g, v, w, False)
     return v * _slope(g, w)
 
 

@@ -265,3 +265,35 @@ def test_cpu_max_pool_with_indices_equals_the_nchw_kernel_on_ties_and_nan():
     ref_v, ref_i = F.max_pool2d(q, 3, 2, 1, return_indices=True)
     assert torch.equal(idx, ref_i) and torch.allclose(values, ref_v, equal_nan=True)
     assert values.is_contiguous() and idx.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_hard_gates_on_the_cpu_equal_where_bit_for_bit(dtype):
+    """The CPU's bit-operation form of the hard ReLU-family gates returns torch.where's bit patterns (NaN, +-inf
+    and -0 included), out of place and in place, with a gate broadcast over the value; a value that needs a
+    gradient gets where's gradient."""
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1.5, -2.0], dtype=dtype)
+    full = torch.randn(4, 3, 8).to(dtype)
+    full.view(-1)[:7] = special
+    v = full[:, :, :7]  # strided
+    g = torch.randn(v.shape) > 0
+    w = torch.rand(3, dtype=dtype)
+
+    def bits(t):
+        return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+    cases = [(G.gate_relu, G.gate_relu_, (), torch.where(g, v, 0.0)),
+             (G.gate_leaky_relu, G.gate_leaky_relu_, (0.1,), torch.where(g, v, v * 0.1)),
+             (G.gate_prelu, None, (w,), torch.where(g, v, v * w.view(1, -1, 1)))]
+    for fn, fn_, args, ref in cases:
+        assert torch.equal(bits(fn(v, g, *args)), bits(ref)), fn.__name__
+        if fn_ is not None:
+            x = v.clone()
+            assert fn_(x, g, *args) is x and torch.equal(bits(x), bits(ref)), fn_.__name__
+    row = g[:1]  # broadcast over the batch
+    assert torch.equal(bits(G.gate_relu(v, row)), bits(torch.where(row, v, 0.0)))
+    x = v.clone()
+    assert torch.equal(bits(G.gate_relu_(x, row)), bits(torch.where(row, v, 0.0)))
+    leaf = v.detach().clone().float().requires_grad_(True)
+    G.gate_leaky_relu(leaf, g, 0.1).sum().backward()
+    assert torch.equal(leaf.grad, torch.where(g, 1.0, 0.1))
