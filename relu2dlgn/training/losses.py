@@ -70,7 +70,7 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
             agree = (make_gate(spec, q.detach(), 1.0, True) == target).all(0)
         else:
             z = q
-            agree = (q.detach() <= 0) != target  # the hard gate is not(q <= 0)
+            agree = make_gate(spec, q.detach(), 1.0, True) == target
             if loss and gate is not None and gate.is_floating_point():
                 return _GateBCE.apply(q, gate, target, beta), _count(agree), agree.numel()
         value = F.binary_cross_entropy_with_logits(beta * z, _as_float(target, z.dtype)) if loss else None
