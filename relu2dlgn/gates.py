@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import maxpool_gate
+from . import maxpool_gate, soft_maxpool
 from .errors import OptionError
 from .types import GateKind
 from .utils.fx import fx_leaf
@@ -151,7 +151,7 @@ def make_gate(spec: GateSpec, q: Tensor, beta: float, hard: bool) -> Tensor:
         # beta applied to q, not to its K-fold windows (a fifth of the gate's training time at K = 9)
         if torch.compiler.is_compiling():  # inductor fuses the plain ops; it cannot see into the autograd function
             return torch.softmax(pool_windows(q * beta, geo, float("-inf")), dim=2)
-        return maxpool_gate.soft_gate(q * beta, geo)
+        return soft_maxpool.soft_gate(q * beta, geo)
     raise ValueError(f"unknown gate kind {kind!r}")
 
 
@@ -299,7 +299,7 @@ def gate_maxpool(v: Tensor, g: Tensor, ndim: int, kernel_size: tuple[int, ...], 
     geo = PoolGeometry(ndim, kernel_size, stride, padding, dilation, ceil_mode)
     if torch.compiler.is_compiling():  # as in make_gate
         return (pool_windows(v, geo, 0.0) * g).sum(2)
-    return maxpool_gate.soft_select(v, g, geo)
+    return soft_maxpool.soft_select(v, g, geo)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,16 +29,16 @@ Formulations (any kernel, stride, padding, dilation and ``ceil_mode``, overlappi
   ``1(q_k == m) * w_k`` with ``w_k`` decreasing in the scan order and 0 outside the input. Exact for every
   input without NaN; a window holding a NaN gets an unspecified index inside the window (PyTorch: its last NaN).
 
-The *soft* gate of training (:func:`soft_gate`: the soft-max over each window of ``beta q``) and the value
-network's read under it (:func:`soft_select`) are autograd functions over the stride phases of the padded
-tensor, where every kernel offset reads a contiguous block: no ``unfold``/``fold`` copies of the windows.
+The *soft* gate of training, the value network's read under it and the window cross-entropy are in
+:mod:`relu2dlgn.soft_maxpool`, over the same window geometry (:func:`kernel_offsets`, :func:`pad_widths`,
+:func:`padded`).
 """
 from __future__ import annotations
 
 import functools
 import itertools
 import math
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -48,15 +48,15 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .gates import PoolGeometry
 
-__all__ = ["argmax_chain", "select_chain", "argmax_by_equality", "window_flat_indices", "soft_gate", "soft_select",
-           "window_cross_entropy", "padded"]
+__all__ = ["argmax_chain", "select_chain", "argmax_by_equality", "window_flat_indices", "kernel_offsets", "pad_widths",
+           "padded"]
 
 
 # --------------------------------------------------------------------------------------------------
 # window constants (numpy, cached per geometry and spatial size)
 # --------------------------------------------------------------------------------------------------
 
-def _offsets(geo: "PoolGeometry") -> list[tuple[int, ...]]:
+def kernel_offsets(geo: "PoolGeometry") -> list[tuple[int, ...]]:
     """Kernel offsets in row-major (scan) order."""
     return list(itertools.product(*(range(k) for k in geo.kernel_size)))
 
@@ -75,7 +75,7 @@ def _window_constants(geo: "PoolGeometry", size: tuple[int, ...]) -> tuple[np.nd
     out = geo.output_size(size)
     plane = np.cumprod((1,) + tuple(reversed(size[1:])))[::-1]  # row-major strides of one plane
     flats, valids = [], []
-    for offset in _offsets(geo):
+    for offset in kernel_offsets(geo):
         coords = np.meshgrid(*_coords(geo, size, out, offset), indexing="ij")
         valid = np.ones(out, dtype=bool)
         flat = np.zeros(out, dtype=np.int64)
@@ -101,7 +101,7 @@ def _const(array: np.ndarray, like: Tensor, dtype: torch.dtype | None = None) ->
     return torch.as_tensor(array, dtype=dtype, device=like.device).reshape((1, 1) + array.shape)
 
 
-def _pad_widths(geo: "PoolGeometry", size: Sequence[int]) -> list[tuple[int, int]]:
+def pad_widths(geo: "PoolGeometry", size: Sequence[int]) -> list[tuple[int, int]]:
     """Per spatial dimension, ``(left, right)`` padding under which every window of an input of spatial ``size``
     (ceil-mode overhang included) lies inside the padded tensor; ``left`` is the pooling's own padding."""
     out = geo.output_size(size)
@@ -115,7 +115,7 @@ def _pad_widths(geo: "PoolGeometry", size: Sequence[int]) -> list[tuple[int, int
 def padded(x: Tensor, geo: "PoolGeometry", fill: float) -> Tensor:
     """``x`` (``(N, C, *S)``) padded with ``fill`` so that every window (ceil-mode overhang included) lies inside
     it; ``x`` itself when no padding is needed."""
-    pad = [w for left_right in reversed(_pad_widths(geo, x.shape[2:])) for w in left_right]  # F.pad: last dim first
+    pad = [w for left_right in reversed(pad_widths(geo, x.shape[2:])) for w in left_right]  # F.pad: last dim first
     return F.pad(x, pad, value=fill) if any(pad) else x
 
 
@@ -138,7 +138,7 @@ def argmax_chain(q: Tensor, geo: "PoolGeometry") -> Tensor:
     out = geo.output_size(size)
     flat, _, first = _window_constants(geo, size)
     qp = padded(q, geo, -math.inf)
-    offsets = _offsets(geo)
+    offsets = kernel_offsets(geo)
     best = _view(qp, geo, out, offsets[0])
     idx = _const(first, q)  # broadcast by the first where
     if len(offsets) == 1:
@@ -158,176 +158,11 @@ def select_chain(v: Tensor, idx: Tensor, geo: "PoolGeometry") -> Tensor:
     out = geo.output_size(size)
     flat, _, _ = _window_constants(geo, size)
     vp = padded(v, geo, 0.0)
-    offsets = _offsets(geo)
+    offsets = kernel_offsets(geo)
     res = _view(vp, geo, out, offsets[0])
     for k in range(1, len(offsets)):
         res = torch.where(idx == _const(flat[k], v), _view(vp, geo, out, offsets[k]), res)
     return res if len(offsets) > 1 else res.clone()
-
-
-# --------------------------------------------------------------------------------------------------
-# the soft gate's read (training)
-# --------------------------------------------------------------------------------------------------
-
-def _phase_reads(geo: "PoolGeometry") -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Per kernel offset (scan order), ``(residues, starts)``: in the padded tensor, offset ``k`` reads coordinate
-    ``s*o + k*d = s*(o + a) + r`` per dimension, i.e. elements ``a .. a + out`` of the stride phase ``r``."""
-    return [(tuple((k * d) % s for k, d, s in zip(offset, geo.dilation, geo.stride)),
-             tuple((k * d) // s for k, d, s in zip(offset, geo.dilation, geo.stride))) for offset in _offsets(geo)]
-
-
-def _phase_index(geo: "PoolGeometry", residues: tuple[int, ...]) -> tuple[slice, ...]:
-    return (slice(None), slice(None)) + tuple(slice(r, None, s) for r, s in zip(residues, geo.stride))
-
-
-def _window(phase: Tensor, starts: tuple[int, ...], out: Sequence[int]) -> Tensor:
-    return phase[(slice(None), slice(None)) + tuple(slice(a, a + o) for a, o in zip(starts, out))]
-
-
-class _SoftSelect(torch.autograd.Function):
-    """``out = sum_k g[:, :, k] * v_k`` with ``v_k`` what kernel offset ``k`` reads from the zero-padded ``v``:
-    the padded tensor is split once into its stride phases (``s_1 * s_2 * ...`` contiguous planes), where every
-    offset reads a contiguous block, and each offset is one multiply-add on output-sized tensors — instead of
-    unfolding ``v`` into a ``(N, C, K, *out)`` copy and multiplying and summing that (and again for the
-    gradients)."""
-
-    @staticmethod
-    def forward(ctx, v: Tensor, g: Tensor, geo: "PoolGeometry") -> Tensor:  # type: ignore[override]
-        ctx.geo, ctx.size = geo, tuple(v.shape[2:])
-        ctx.save_for_backward(v, g)
-        out_size = geo.output_size(ctx.size)
-        phases = _phases(padded(v, geo, 0.0), geo)
-        out = torch.zeros(g.shape[:2] + out_size, dtype=torch.result_type(v, g), device=v.device)
-        for k, (residues, starts) in enumerate(_phase_reads(geo)):
-            out.addcmul_(g[:, :, k], _window(phases[residues], starts, out_size))
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        v, g = ctx.saved_tensors
-        geo = ctx.geo
-        out_size = geo.output_size(ctx.size)
-        grad = grad.contiguous()
-        grad_v = grad_g = None
-        if ctx.needs_input_grad[1]:
-            phases = _phases(padded(v, geo, 0.0), geo)
-            grad_g = torch.empty_like(g)
-            for k, (residues, starts) in enumerate(_phase_reads(geo)):
-                torch.mul(grad, _window(phases[residues], starts, out_size), out=grad_g[:, :, k])
-        if ctx.needs_input_grad[0]:
-            grad_v = _fold(geo, ctx.size, grad, lambda k, block: block.addcmul_(grad, g[:, :, k])).to(v.dtype)
-        return grad_v, grad_g, None
-
-
-def _phases(xp: Tensor, geo: "PoolGeometry", copy: bool = True) -> dict[tuple[int, ...], Tensor]:
-    """The stride phases of the padded ``xp`` that the kernel offsets read, contiguous (views with ``copy=False``;
-    the tensor itself for unit strides)."""
-    out = {}
-    for residues, _ in _phase_reads(geo):
-        if residues not in out:
-            view = xp[_phase_index(geo, residues)]
-            out[residues] = view.contiguous() if copy else view
-    return out
-
-
-def _fold(geo: "PoolGeometry", size: tuple[int, ...], like: Tensor,
-          add: Callable[[int, Tensor], object]) -> Tensor:
-    """The gradient of an input of spatial ``size`` from per-offset contributions (the adjoint of reading the
-    windows): ``add(k, block)`` adds kernel offset ``k``'s output-sized contribution into ``block``, the part of
-    its stride phase that offset reads; the phases are then written back into the padded gradient, whose padding
-    is dropped. Shape ``like.shape[:2] + size``, ``like``'s dtype and device."""
-    widths = _pad_widths(geo, size)
-    grad = torch.zeros(like.shape[:2] + tuple(n + left + right for n, (left, right) in zip(size, widths)),
-                       dtype=like.dtype, device=like.device)
-    phases = {r: torch.zeros_like(p) for r, p in _phases(grad, geo, copy=False).items()}
-    out = geo.output_size(size)
-    for k, (residues, starts) in enumerate(_phase_reads(geo)):
-        add(k, _window(phases[residues], starts, out))
-    for residues, phase in phases.items():
-        grad[_phase_index(geo, residues)] = phase
-    return grad[(slice(None), slice(None)) + tuple(slice(left, left + n) for n, (left, _) in zip(size, widths))]
-
-
-class _SoftGate(torch.autograd.Function):
-    """``softmax`` over each pooling window of ``z``, ``(N, C, K, *out)`` (padding and overhang weigh 0): the
-    windows are copied out of the stride phases of the ``-inf``-padded ``z`` into one buffer, which the soft-max
-    then overwrites in place; the backward accumulates each offset's gradient into the phases — no ``unfold`` /
-    ``fold``, one ``(N, C, K, *out)`` tensor each way."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, geo: "PoolGeometry") -> Tensor:  # type: ignore[override]
-        ctx.geo, ctx.size = geo, tuple(z.shape[2:])
-        out_size = geo.output_size(ctx.size)
-        reads = _phase_reads(geo)
-        phases = _phases(padded(z, geo, -math.inf), geo)
-        g = torch.empty(z.shape[:2] + (len(reads),) + out_size, dtype=z.dtype, device=z.device)
-        for k, (residues, starts) in enumerate(reads):
-            g[:, :, k].copy_(_window(phases[residues], starts, out_size))
-        g.sub_(g.amax(2, keepdim=True)).exp_()
-        g.div_(g.sum(2, keepdim=True))
-        ctx.save_for_backward(g)
-        return g
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (g,) = ctx.saved_tensors
-        grad_w = torch.ops.aten._softmax_backward_data(grad, g, 2, g.dtype)  # g * (grad - sum_k g_k grad_k)
-        return _fold(ctx.geo, ctx.size, grad_w, lambda k, block: block.add_(grad_w[:, :, k])), None
-
-
-class _WindowCE(torch.autograd.Function):
-    """``mean_o (logsumexp_k z[o, k] - z[o, t_o])`` for ``z = beta q``, from the soft gate ``g = softmax_k z`` that
-    the forward pass made: the value as ``beta (q_m - q_t) - log g_m`` (``m`` the window's arg max, ``g_m`` its
-    largest weight: stable, as ``g_m >= 1/K``), the gradient ``beta (fold(g) - onehot(t)) / n`` straight into
-    ``q`` — the adjoint of the window read applied to ``g``, the target subtracted by one scatter; nothing of the
-    gate's ``(N, C, K, *out)`` size is made."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, g: Tensor, top: Tensor, target: Tensor,  # type: ignore[override]
-                beta: float, geo: "PoolGeometry") -> Tensor:
-        g = g.float()
-        picked = q.flatten(2).gather(2, target.flatten(2)).view(target.shape)
-        ctx.save_for_backward(g, target)
-        ctx.beta, ctx.geo, ctx.size, ctx.dtype = beta, geo, tuple(q.shape[2:]), q.dtype
-        return (beta * (top - picked) - g.amax(2).log()).mean()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:  # type: ignore[override]
-        g, target = ctx.saved_tensors
-        grad_q = _fold(ctx.geo, ctx.size, g, lambda k, block: block.add_(g[:, :, k])).contiguous()
-        index = target.flatten(2)
-        grad_q.view(index.shape[:2] + (-1,)).scatter_add_(2, index, g.new_full((1, 1, 1), -1.0).expand(index.shape))
-        grad_q.mul_(grad * ctx.beta / max(target.numel(), 1))
-        return grad_q.to(ctx.dtype), None, None, None, None, None
-
-
-def window_cross_entropy(q: Tensor, g: Tensor, top: Tensor, target: Tensor, beta: float,
-                         geo: "PoolGeometry") -> Tensor:
-    """The mean cross-entropy of every pooling window's soft-max ``softmax(beta q_window)`` against the per-plane
-    flat index ``target`` (``(N, C, *out)``, each inside its window), given the soft gate ``g = soft_gate(beta q,
-    geo)`` of the same ``beta`` and the window maxima ``top`` (``max_pool(q)``): what ``cross_entropy`` of
-    ``pool_windows(beta q, geo, -inf)`` against the targets' kernel offsets computes, without a second pass over
-    the windows. Differentiable in ``q`` only (``g`` and ``top`` are read as values); once differentiable."""
-    return _WindowCE.apply(q, g.detach(), top.detach(), target, beta, geo)
-
-
-def soft_gate(z: Tensor, geo: "PoolGeometry") -> Tensor:
-    """The soft max-pool gate for logits ``z`` (``beta q``): ``softmax`` over each pooling window, ``(N, C, K,
-    *out)`` with the window axis in row-major kernel order (:func:`relu2dlgn.gates.pool_windows`' layout;
-    positions outside the input weigh 0) — what ``softmax(pool_windows(z, geo, -inf), 2)`` computes, faster.
-    Once differentiable (a double backward raises)."""
-    return _SoftGate.apply(z, geo)
-
-
-def soft_select(v: Tensor, g: Tensor, geo: "PoolGeometry") -> Tensor:
-    """The value network's read under a soft max-pool gate: ``out[o] = sum_k g[:, :, k, o] v[window(o)_k]``
-    (``g``: ``(N, C, K, *out)`` window weights, offsets in row-major order; positions outside ``v`` read 0) —
-    what ``(pool_windows(v, geo, 0) * g).sum(2)`` computes, in a fraction of its time and memory. Once
-    differentiable (a double backward raises)."""
-    return _SoftSelect.apply(v, g, geo)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +199,7 @@ def _phase_plan(geo: "PoolGeometry", size: tuple[int, ...]) -> tuple[dict, list]
         reads.append(dim_reads)
     convs: dict[tuple[int, ...], tuple[int, ...]] = {}
     plan = []
-    for offset in _offsets(geo):
+    for offset in kernel_offsets(geo):
         residues = tuple(reads[i][k][0] for i, k in enumerate(offset))
         pads = tuple(per_dim[i][r] for i, r in enumerate(residues))
         starts = tuple(reads[i][k][1] + (r + pad) // geo.stride[i]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..gates import GateSpec, make_gate, max_pool_with_indices, pool_windows
-from ..maxpool_gate import window_cross_entropy
+from ..soft_maxpool import window_cross_entropy
 from ..sites import GateSite
 from .config import DistillOptions
 
@@ -56,7 +56,7 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
     hard=False)``, the same ``beta``; what :meth:`relu2dlgn.DLGN.run` returns in ``gates``), which saves passes
     over the activations with the same value and gradient: a ReLU-family site's gradient is then ``beta (g - t) /
     n`` from the gate ``g`` (:class:`_GateBCE`); a max-pool site reads the window soft-max from it instead of
-    unfolding the windows a second time (:func:`relu2dlgn.maxpool_gate.window_cross_entropy`: with ``m`` the
+    unfolding the windows a second time (:func:`relu2dlgn.soft_maxpool.window_cross_entropy`: with ``m`` the
     student's arg max and ``t`` the teacher's, ``-log softmax_t = beta (q_m - q_t) - log softmax_m``, stable as
     ``softmax_m >= 1/K``; gradient ``beta (g - onehot(t))`` per window, folded back onto ``q``).
 
