@@ -49,15 +49,21 @@ def test_pool_windows_max_and_soft_limit(geo):
     assert torch.allclose(soft, ref, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 on the CPU: the convolution form
 @pytest.mark.parametrize("geo", GEOMETRIES)
-def test_avg_standin_is_mean_of_valid_window_elements(geo):
+def test_avg_standin_is_mean_of_valid_window_elements(geo, dtype):
     nd, k, s, p, d, c = geo
-    x = _x(nd, 2)
+    x = _x(nd, 2).to(dtype).requires_grad_()
     g = PoolGeometry.make(nd, k, s, p, d, c)
     out = G.avg_pool_standin(x, nd, g.kernel_size, g.stride, g.padding, g.dilation, g.ceil_mode)
-    win = G.pool_windows(x, g, float("nan"))
-    ref = torch.nanmean(win, 2)
-    assert out.shape == ref.shape and torch.allclose(out, ref)
+    xr = x.detach().double().requires_grad_()
+    ref = torch.nanmean(G.pool_windows(xr, g, float("nan")), 2)
+    assert out.shape == ref.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    w = torch.randn(ref.shape, dtype=torch.float64)
+    (out.double() * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-6, atol=1e-6)
 
 
 def _hard(kind, q, **kw):
