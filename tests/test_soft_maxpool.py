@@ -49,7 +49,8 @@ SOFT_GEOMETRIES = [(2, (2, 3, 9, 10), dict(kernel_size=3, stride=2, padding=1)),
 def test_soft_maxpool_gate_and_read_equal_the_unfolded_windows(ndim, shape, kw):
     """The soft max-pool gate (softmax over each window) and the value network's read under it equal the same
     computation on pool_windows' unfolded copy, values and gradients (padding, dilation, ceil-mode overhang,
-    overlapping windows, 1-3 spatial dimensions); gradcheck in float64."""
+    overlapping windows, 1-3 spatial dimensions); gradcheck in float64, the read for either memory layout of the
+    gate."""
     geo = PoolGeometry.make(ndim, **kw)
     z = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     v = torch.randn(shape, dtype=torch.float64, requires_grad=True)
@@ -62,4 +63,5 @@ def test_soft_maxpool_gate_and_read_equal_the_unfolded_windows(ndim, shape, kw):
     assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(out, (z, v), w),
                                                      torch.autograd.grad(ref, (z, v), w)))
     assert torch.autograd.gradcheck(lambda z: soft_maxpool.soft_gate(z, geo), (z,))
-    assert torch.autograd.gradcheck(lambda v, g: soft_maxpool.soft_select(v, g, geo), (v, g.detach().requires_grad_()))
+    for gate in (g.detach(), g.detach().contiguous()):  # soft_gate's offset-major view, and a window-axis-inner gate
+        assert torch.autograd.gradcheck(lambda v, g: soft_maxpool.soft_select(v, g, geo), (v, gate.requires_grad_()))
