@@ -123,6 +123,16 @@ def test_relu_terms_from_the_forward_gate_equal_bce_with_logits():
             assert torch.allclose(torch.autograd.grad(loss, q)[0], torch.autograd.grad(ref, q, retain_graph=True)[0],
                                   rtol=1e-5, atol=1e-9)
             assert agree.item() == ((q > 0) == (qt > 0)).sum().item() and n == q.numel()
+    # small losses (confident gates, mostly right, |beta q| up to ~300): against float64, the value's error is that
+    # of float32 sums, absolute: a few 2^-24 times the mean |beta q|
+    torch.manual_seed(1)
+    for scale in (0.3, 3.0, 30.0):
+        q = torch.randn(4, 6, 5) * scale
+        qt = q + 0.05 * torch.randn_like(q)
+        gate = make_gate(GateSpec("relu"), q, 3.0, hard=False)
+        loss = site_gate_terms(GateSpec("relu"), q, qt, 3.0, gate=gate)[0]
+        ref = F.binary_cross_entropy_with_logits(3.0 * q.double(), (qt > 0).double())
+        assert abs(loss.item() - ref.item()) <= 2 ** -24 * (1 + 4 * (3.0 * q).abs().mean().item())
     q = torch.tensor([0.0, -0.0, float("nan"), 1.0, -1.0])
     _, agree, _ = site_gate_terms(GateSpec("relu"), q, torch.tensor([False, True, True, True, True]), 1.0, loss=False)
     assert agree.item() == 3
