@@ -1,6 +1,8 @@
 """The optimiser (one parameter group per network and decay class) and its learning-rate schedule."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -58,3 +60,16 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     for g in optimizer.param_groups:
         out.setdefault("lr_" + g["name"].split()[0], g["lr"])
     return out
+
+
+def grad_norm(params: Sequence[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """The global gradient norm of ``params`` (their ``.grad``; 0 without any), clipping the gradients to
+    ``max_norm`` when one is given."""
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: foreach kernels
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))

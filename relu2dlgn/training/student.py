@@ -117,3 +117,20 @@ def as_student(model: nn.Module | Student) -> Student:
 
 def trainable(networks: Iterable[nn.Module]) -> list[nn.Parameter]:
     return [p for net in networks for p in net.parameters() if p.requires_grad]
+
+
+class StepModule(nn.Module):
+    """What DistributedDataParallel wraps: one forward of the DLGN returning (output, pre-activations, gates).
+
+    ``beta`` is a 0-d tensor, not the Python float ``dlgn.beta``, so that torch.compile does not recompile
+    every time the schedule changes it. With frozen gating the gates are hard (the gating network is in eval
+    mode and has no trainable parameter)."""
+
+    def __init__(self, student: Student, frozen_gating: bool):
+        super().__init__()
+        self.model = student.module  # registered, so that DDP sees the parameters
+        self.student = student
+        self.frozen_gating = frozen_gating
+
+    def forward(self, beta: torch.Tensor, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        return self.student.forward(inputs, hard=self.frozen_gating, beta=beta)

@@ -27,31 +27,14 @@ from .bn import recalibrate_bn
 from .guard import StepGuard, non_finite_loss
 from .losses import Objective, select_logits
 from .metrics import EpochSums, MetricsFile, format_record, summary_line
-from .optim import group_lrs, make_optimizer, make_scheduler
+from .optim import grad_norm, group_lrs, make_optimizer, make_scheduler
 from .results import FinetuneResult
 from .rng import rng_state, seed_all, set_rng_state
 from .schedules import beta_at
-from .student import DLGNStudent, Student, as_student
+from .student import DLGNStudent, StepModule, as_student
 from .teacher import Teacher, make_teacher, match_sites
 
 log = logging.getLogger(__name__)
-
-
-class _StepModule(nn.Module):
-    """What DistributedDataParallel wraps: one forward of the DLGN returning (output, pre-activations, gates).
-
-    ``beta`` is a 0-d tensor, not the Python float ``dlgn.beta``, so that torch.compile does not recompile
-    every time the schedule changes it. With frozen gating the gates are hard (the gating network is in eval
-    mode and has no trainable parameter)."""
-
-    def __init__(self, student: Student, frozen_gating: bool):
-        super().__init__()
-        self.model = student.module  # registered, so that DDP sees the parameters
-        self.student = student
-        self.frozen_gating = frozen_gating
-
-    def forward(self, beta: torch.Tensor, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        return self.student.forward(inputs, hard=self.frozen_gating, beta=beta)
 
 
 class Trainer:
@@ -164,7 +147,7 @@ class Trainer:
         self.beta_end = g.beta_end if g.beta_end is not None else (3.0 * beta if beta is not None else None)
         if g.beta_schedule == "constant":
             self.beta_end = self.beta_start
-        self.step_module: nn.Module = _StepModule(self.student, g.freeze_gating)
+        self.step_module: nn.Module = StepModule(self.student, g.freeze_gating)
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -204,16 +187,6 @@ class Trainer:
         loss.backward()
         return loss, parts, logits
 
-    def _grad_norm(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
-        if self.cfg.optim.max_grad_norm:
-            return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return torch.zeros(())
-        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: foreach kernels
-            return torch.nn.utils.get_total_norm(grads)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
     # -- one epoch --------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training loader; returns the epoch's training metrics (reduced over processes)."""
@@ -232,7 +205,7 @@ class Trainer:
             inputs, y = self._inputs(batch)
             self.guard.snapshot_step()
             loss, parts, logits = self._train_step(inputs, y)
-            norm = self._grad_norm(params)
+            norm = grad_norm(params, self.cfg.optim.max_grad_norm)
             bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)).float()
             if all_reduce_sum(bad).item():
                 self._non_finite(epoch, i, loss, norm, self.guard.restore_step())
