@@ -49,7 +49,7 @@ def test_pool_windows_max_and_soft_limit(geo):
     assert torch.allclose(soft, ref, atol=1e-3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 on the CPU: the convolution form
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 with a gradient: the convolution form
 @pytest.mark.parametrize("geo", GEOMETRIES)
 def test_avg_standin_is_mean_of_valid_window_elements(geo, dtype):
     nd, k, s, p, d, c = geo
@@ -60,6 +60,9 @@ def test_avg_standin_is_mean_of_valid_window_elements(geo, dtype):
     ref = torch.nanmean(G.pool_windows(xr, g, float("nan")), 2)
     assert out.shape == ref.shape and out.dtype == dtype
     torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # without a gradient, float32 too takes the average pool
+        plain = G.avg_pool_standin(x, nd, g.kernel_size, g.stride, g.padding, g.dilation, g.ceil_mode)
+    torch.testing.assert_close(plain.double(), ref.detach(), rtol=1e-6, atol=1e-6)
     w = torch.randn(ref.shape, dtype=torch.float64)
     (out.double() * w).sum().backward()
     (ref * w).sum().backward()
