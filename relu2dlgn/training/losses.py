@@ -122,14 +122,14 @@ class _GateBCE(torch.autograd.Function):
         torch.maximum(larger, g, out=larger)
         softplus = positive - larger.log_().sum()
         ctx.save_for_backward(g, t)
-        ctx.beta, ctx.n, ctx.dtype = beta, q.numel(), q.dtype
+        ctx.beta, ctx.n = beta, q.numel()
         return (softplus - torch.dot(q.reshape(-1), t.reshape(-1)) * beta) / max(q.numel(), 1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         g, t = ctx.saved_tensors
-        return torch.sub(g, t).mul_(grad * ctx.beta / max(ctx.n, 1)).to(ctx.dtype), None, None, None
+        return torch.sub(g, t).mul_(grad * ctx.beta / max(ctx.n, 1)), None, None, None
 
 
 def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
