@@ -148,10 +148,11 @@ def make_gate(spec: GateSpec, q: Tensor, beta: float, hard: bool) -> Tensor:
         assert geo is not None
         if hard:
             return hard_maxpool_gate(q, geo)
-        # beta applied to q, not to its K-fold windows (a fifth of the gate's training time at K = 9)
         if torch.compiler.is_compiling():  # inductor fuses the plain ops; it cannot see into the autograd function
             return torch.softmax(pool_windows(q * beta, geo, float("-inf")), dim=2)
-        return soft_maxpool.soft_gate(q * beta, geo)
+        if isinstance(beta, Tensor):  # a 0-d tensor, possibly with a gradient of its own
+            return soft_maxpool.soft_gate(q * beta, geo)
+        return soft_maxpool.soft_gate(q, geo, beta)
     raise ValueError(f"unknown gate kind {kind!r}")
 
 
@@ -165,8 +166,9 @@ def hard_maxpool_gate(q: Tensor, geo: PoolGeometry) -> Tensor:
     return max_pool_with_indices(q, geo)[1]
 
 
-def max_pool_with_indices(q: Tensor, geo: PoolGeometry) -> tuple[Tensor, Tensor]:
-    """``(values, per-plane arg-max indices)`` of PyTorch's max-pool, contiguous like ``q``.
+def max_pool_with_indices(q: Tensor, geo: PoolGeometry, contiguous: bool = True) -> tuple[Tensor, Tensor]:
+    """``(values, per-plane arg-max indices)`` of PyTorch's max-pool, contiguous like ``q`` (with ``contiguous=False``
+    possibly in another memory format, for elementwise use: the same values at the same indices).
 
     On the CPU a contiguous 4-d input is pooled in channels-last layout: the same kernel rule (first maximum,
     NaN wins) and the same results, several times faster than the NCHW kernel even with both layout copies."""
@@ -174,7 +176,7 @@ def max_pool_with_indices(q: Tensor, geo: PoolGeometry) -> tuple[Tensor, Tensor]
     args = (geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.ceil_mode)
     if q.device.type == "cpu" and q.dim() == 4 and q.is_contiguous() and q.shape[1] > 1:
         values, indices = fn(q.contiguous(memory_format=torch.channels_last), *args, return_indices=True)
-        return values.contiguous(), indices.contiguous()
+        return (values.contiguous(), indices.contiguous()) if contiguous else (values, indices)
     return fn(q, *args, return_indices=True)
 
 

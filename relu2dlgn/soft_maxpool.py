@@ -6,8 +6,10 @@ outside the input weigh 0), and the value network reads ``out[o] = sum_k g[:, :,
 the padded tensor is split once into its stride phases (``s_1 * s_2 * ...`` contiguous planes), in which every
 kernel offset reads a contiguous block: no ``unfold``/``fold`` copies of the windows, each way.
 
-* :func:`soft_gate` — the window soft-max;
-* :func:`soft_select` — the value network's read under it;
+* :func:`soft_gate` — the window soft-max (on the CPU taken in place over the window buffer);
+* :func:`soft_select` — the value network's read under it. Reading :func:`soft_gate`'s own output, it sends the
+  gradient to ``q`` directly, as ``dL/dz_k = g_k grad (v_k - out)``: no gradient of the ``(N, C, K, *out)`` gate
+  and no soft-max backward over one (the gate's other uses, if any, still reach ``q`` through :func:`soft_gate`);
 * :func:`window_cross_entropy` — the gate-agreement loss of a max-pool site (each window's soft-max against the
   teacher's arg max), from the forward's gate.
 
@@ -45,6 +47,16 @@ def _window(phase: Tensor, starts: tuple[int, ...], out: Sequence[int]) -> Tenso
     return phase[(slice(None), slice(None)) + tuple(slice(a, a + o) for a, o in zip(starts, out))]
 
 
+def _read(v: Tensor, g: Tensor, geo: "PoolGeometry") -> Tensor:
+    """``sum_k g[:, :, k] * v_k``, one multiply-add per kernel offset over the stride phases of the padded ``v``."""
+    out_size = geo.output_size(tuple(v.shape[2:]))
+    phases = _phases(padded(v, geo, 0.0), geo)
+    out = torch.zeros(g.shape[:2] + out_size, dtype=torch.result_type(v, g), device=v.device)
+    for k, (residues, starts) in enumerate(_phase_reads(geo)):
+        out.addcmul_(g[:, :, k], _window(phases[residues], starts, out_size))
+    return out
+
+
 class _SoftSelect(torch.autograd.Function):
     """``out = sum_k g[:, :, k] * v_k`` with ``v_k`` what kernel offset ``k`` reads from the zero-padded ``v``:
     the padded tensor is split once into its stride phases (``s_1 * s_2 * ...`` contiguous planes), where every
@@ -56,12 +68,7 @@ class _SoftSelect(torch.autograd.Function):
     def forward(ctx, v: Tensor, g: Tensor, geo: "PoolGeometry") -> Tensor:  # type: ignore[override]
         ctx.geo, ctx.size = geo, tuple(v.shape[2:])
         ctx.save_for_backward(v, g)
-        out_size = geo.output_size(ctx.size)
-        phases = _phases(padded(v, geo, 0.0), geo)
-        out = torch.zeros(g.shape[:2] + out_size, dtype=torch.result_type(v, g), device=v.device)
-        for k, (residues, starts) in enumerate(_phase_reads(geo)):
-            out.addcmul_(g[:, :, k], _window(phases[residues], starts, out_size))
-        return out
+        return _read(v, g, geo)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -80,6 +87,45 @@ class _SoftSelect(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_v = _fold(geo, ctx.size, grad, lambda k, block: block.addcmul_(grad, g[:, :, k])).to(v.dtype)
         return grad_v, grad_g, None
+
+
+class _SoftPool(torch.autograd.Function):
+    """``out = sum_k g_k v_k`` for the soft gate ``g = softmax_k(beta q_k)`` that :func:`soft_gate` made of ``q``,
+    differentiable in ``v`` and straight in ``q``: as ``sum_j g_j dL/dg_j = grad * out``, the soft-max's backward
+    through the read is ``dL/d(beta q_k) = g_k grad (v_k - out)``, one multiply-add per offset folded onto ``q`` —
+    no ``(N, C, K, *out)`` gradient of the gate, and no soft-max backward over one."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, q: Tensor, g: Tensor, beta: float,  # type: ignore[override]
+                geo: "PoolGeometry") -> Tensor:
+        out = _read(v, g, geo)
+        ctx.save_for_backward(v, g, out.clone())  # out itself may be changed in place downstream
+        ctx.geo, ctx.size, ctx.beta, ctx.q_dtype = geo, tuple(v.shape[2:]), beta, q.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:  # type: ignore[override]
+        v, g, out = ctx.saved_tensors
+        geo, size = ctx.geo, ctx.size
+        out_size = geo.output_size(size)
+        grad = grad.contiguous()
+        grad_v = grad_q = None
+        if ctx.needs_input_grad[0]:
+            grad_v = _fold(geo, size, grad, lambda k, block: block.addcmul_(grad, g[:, :, k])).to(v.dtype)
+        if ctx.needs_input_grad[1]:
+            phases = _phases(padded(v, geo, 0.0), geo)
+            reads = _phase_reads(geo)
+            gg, diff = torch.empty_like(grad), torch.empty_like(grad)
+
+            def add(k: int, block: Tensor) -> None:
+                residues, starts = reads[k]
+                torch.mul(g[:, :, k], grad, out=gg)
+                torch.sub(_window(phases[residues], starts, out_size), out, out=diff)
+                block.addcmul_(gg, diff, value=ctx.beta)
+
+            grad_q = _fold(geo, size, grad, add).to(ctx.q_dtype)
+        return grad_v, grad_q, None, None, None
 
 
 def _phases(xp: Tensor, geo: "PoolGeometry", copy: bool = True) -> dict[tuple[int, ...], Tensor]:
@@ -112,34 +158,38 @@ def _fold(geo: "PoolGeometry", size: tuple[int, ...], like: Tensor,
 
 
 class _SoftGate(torch.autograd.Function):
-    """``softmax`` over each pooling window of ``z``, ``(N, C, K, *out)`` (padding and overhang weigh 0): the
-    windows are copied out of the stride phases of the ``-inf``-padded ``z`` into one buffer, of which the soft-max
-    is taken; the backward accumulates each offset's gradient into the phases — no ``unfold`` /
+    """``softmax`` over each pooling window of ``z = beta q``, ``(N, C, K, *out)`` (padding and overhang weigh 0):
+    the windows of ``beta q`` are written out of the stride phases of the ``-inf``-padded ``q`` into one buffer, of
+    which the soft-max is taken; the backward accumulates each offset's gradient into the phases — no ``unfold`` /
     ``fold``, one ``(N, C, K, *out)`` tensor each way. The buffers are offset-major (``(K, N, C, *out)`` in memory,
     the gate returned as its ``(N, C, K, *out)`` view), so that every per-offset read and write here, in
     :class:`_SoftSelect` and in :class:`_WindowCE` is of one contiguous block (a third faster, forward and
     backward, than the window axis in the middle)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, geo: "PoolGeometry") -> Tensor:  # type: ignore[override]
-        ctx.geo, ctx.size = geo, tuple(z.shape[2:])
+    def forward(ctx, q: Tensor, beta: float, geo: "PoolGeometry") -> Tensor:  # type: ignore[override]
+        ctx.geo, ctx.size, ctx.beta = geo, tuple(q.shape[2:]), beta
         out_size = geo.output_size(ctx.size)
         reads = _phase_reads(geo)
-        phases = _phases(padded(z, geo, -math.inf), geo)
-        windows = torch.empty((len(reads),) + z.shape[:2] + out_size, dtype=z.dtype, device=z.device)
+        phases = _phases(padded(q, geo, -math.inf), geo)
+        windows = torch.empty((len(reads),) + q.shape[:2] + out_size, dtype=q.dtype, device=q.device)
         for k, (residues, starts) in enumerate(reads):
-            windows[k].copy_(_window(phases[residues], starts, out_size))
-        g = torch.softmax(windows, 0)  # one kernel: twice as fast as max, exp, sum and divide as separate passes
+            torch.mul(_window(phases[residues], starts, out_size), beta, out=windows[k])  # -inf stays -inf: beta > 0
+        # one kernel (twice as fast as max, exp, sum and divide as passes); on the CPU in place, whose kernel reads
+        # a position's K inputs before it writes them (test_soft_gate_in_place): a second (K, N, C, *out) buffer
+        # each step fragmented glibc's heap (~2,000 page faults, ~25 ms, every few steps of resnet18's training)
+        cpu = windows.device.type == "cpu"
+        g = torch._softmax(windows, 0, False, out=windows) if cpu else torch.softmax(windows, 0)
         ctx.save_for_backward(g)
         return g.movedim(0, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (g,) = ctx.saved_tensors  # offset-major
         grad = grad.movedim(2, 0).contiguous()
         grad_w = torch.ops.aten._softmax_backward_data(grad, g, 0, g.dtype)  # g * (grad - sum_k g_k grad_k)
-        return _fold(ctx.geo, ctx.size, grad_w[0], lambda k, block: block.add_(grad_w[k])), None
+        return _fold(ctx.geo, ctx.size, grad_w[0], lambda k, block: block.add_(grad_w[k], alpha=ctx.beta)), None, None
 
 
 class _WindowCE(torch.autograd.Function):
@@ -172,25 +222,37 @@ class _WindowCE(torch.autograd.Function):
 def window_cross_entropy(q: Tensor, g: Tensor, top: Tensor, target: Tensor, beta: float,
                          geo: "PoolGeometry") -> Tensor:
     """The mean cross-entropy of every pooling window's soft-max ``softmax(beta q_window)`` against the per-plane
-    flat index ``target`` (``(N, C, *out)``, each inside its window), given the soft gate ``g = soft_gate(beta q,
-    geo)`` of the same ``beta`` and the window maxima ``top`` (``max_pool(q)``): what ``cross_entropy`` of
+    flat index ``target`` (``(N, C, *out)``, each inside its window), given the soft gate ``g = soft_gate(q, geo,
+    beta)`` of the same ``beta`` and the window maxima ``top`` (``max_pool(q)``): what ``cross_entropy`` of
     ``pool_windows(beta q, geo, -inf)`` against the targets' kernel offsets computes, without a second pass over
     the windows. Differentiable in ``q`` only (``g`` and ``top`` are read as values); once differentiable."""
     return _WindowCE.apply(q, g.detach(), top.detach(), target, beta, geo)
 
 
-def soft_gate(z: Tensor, geo: "PoolGeometry") -> Tensor:
-    """The soft max-pool gate for logits ``z`` (``beta q``): ``softmax`` over each pooling window, ``(N, C, K,
-    *out)`` with the window axis in row-major kernel order (:func:`relu2dlgn.gates.pool_windows`' layout;
-    positions outside the input weigh 0) — what ``softmax(pool_windows(z, geo, -inf), 2)`` computes, faster.
-    The result is a non-contiguous view of an offset-major buffer (``g[:, :, k]`` is contiguous). Once
-    differentiable (a double backward raises)."""
-    return _SoftGate.apply(z, geo)
+def soft_gate(q: Tensor, geo: "PoolGeometry", beta: float = 1.0) -> Tensor:
+    """The soft max-pool gate of pre-activation ``q`` at inverse temperature ``beta > 0``: ``softmax`` of ``beta q``
+    over each pooling window, ``(N, C, K, *out)`` with the window axis in row-major kernel order
+    (:func:`relu2dlgn.gates.pool_windows`' layout; positions outside the input weigh 0) — what
+    ``softmax(pool_windows(beta * q, geo, -inf), 2)`` computes, faster. The result is a non-contiguous view of an
+    offset-major buffer (``g[:, :, k]`` is contiguous). Once differentiable (a double backward raises).
+
+    Raises ``ValueError`` for ``beta <= 0`` (the padding's ``-inf`` logits would not stay ``-inf``)."""
+    if not beta > 0:
+        raise ValueError(f"soft_gate: beta must be positive, got {beta!r}")
+    g = _SoftGate.apply(q, float(beta), geo)
+    if g.grad_fn is not None:  # what soft_select needs to send its gradient to q directly
+        g.grad_fn.gate_of = (q, float(beta), g._version)
+    return g
 
 
 def soft_select(v: Tensor, g: Tensor, geo: "PoolGeometry") -> Tensor:
     """The value network's read under a soft max-pool gate: ``out[o] = sum_k g[:, :, k, o] v[window(o)_k]``
     (``g``: ``(N, C, K, *out)`` window weights, offsets in row-major order; positions outside ``v`` read 0) —
     what ``(pool_windows(v, geo, 0) * g).sum(2)`` computes, in a fraction of its time and memory. Once
-    differentiable (a double backward raises)."""
+    differentiable (a double backward raises). ``g`` as :func:`soft_gate` returned it (not changed in place since):
+    the gradient goes straight to that gate's ``q`` (the module docstring); any other ``g`` gets its own."""
+    made = getattr(g.grad_fn, "gate_of", None)  # g is soft_gate's output, unchanged since
+    if made is not None and made[2] == g._version and torch.is_grad_enabled():
+        q, beta, _ = made
+        return _SoftPool.apply(v, q, g.detach(), beta, geo)
     return _SoftSelect.apply(v, g, geo)
