@@ -126,8 +126,8 @@ def test_relu_terms_from_the_forward_gate_equal_bce_with_logits():
     # small losses (confident gates, mostly right, |beta q| up to ~300): against float64, the value's error is that
     # of float32 sums, absolute: a few 2^-24 times the mean |beta q|
     torch.manual_seed(1)
-    for scale in (0.3, 3.0, 30.0):
-        q = torch.randn(4, 6, 5) * scale
+    for scale, shape in ((0.3, (4, 6, 5)), (3.0, (4, 6, 5)), (30.0, (4, 6, 5)), (3.0, (7, 9, 61))):
+        q = torch.randn(shape) * scale  # the last: 3843 elements, products of 64 and a remainder
         qt = q + 0.05 * torch.randn_like(q)
         gate = make_gate(GateSpec("relu"), q, 3.0, hard=False)
         loss = site_gate_terms(GateSpec("relu"), q, qt, 3.0, gate=gate)[0]
