@@ -122,9 +122,10 @@ def trainable(networks: Iterable[nn.Module]) -> list[nn.Parameter]:
 class StepModule(nn.Module):
     """What DistributedDataParallel wraps: one forward of the DLGN returning (output, pre-activations, gates).
 
-    ``beta`` is a 0-d tensor, not the Python float ``dlgn.beta``, so that torch.compile does not recompile
-    every time the schedule changes it. With frozen gating the gates are hard (the gating network is in eval
-    mode and has no trainable parameter)."""
+    ``beta``: under torch.compile a 0-d tensor, not the Python float ``dlgn.beta``, so that it does not recompile
+    every time the schedule changes it; eager, the float (the soft max-pool gate then scales ``q`` inside its
+    window buffer). With frozen gating the gates are hard (the gating network is in eval mode and has no trainable
+    parameter)."""
 
     def __init__(self, student: Student, frozen_gating: bool):
         super().__init__()
@@ -132,5 +133,6 @@ class StepModule(nn.Module):
         self.student = student
         self.frozen_gating = frozen_gating
 
-    def forward(self, beta: torch.Tensor, *inputs: Any) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    def forward(self, beta: torch.Tensor | float, *inputs: Any
+                ) -> tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         return self.student.forward(inputs, hard=self.frozen_gating, beta=beta)

@@ -179,7 +179,9 @@ class Trainer:
                 with torch.no_grad():
                     t_out, t_qs = self.teacher(*inputs)
                     t_logits = select_logits(t_out, self.cfg.logits, "the teacher")
-            beta = torch.tensor(self.student.beta or 1.0, dtype=torch.float32, device=self.device)
+            beta: torch.Tensor | float = self.student.beta or 1.0
+            if self.cfg.runtime.compile:  # a tensor, so that a new beta does not recompile
+                beta = torch.tensor(beta, dtype=torch.float32, device=self.device)
             out, qs, gates = self.step_module(beta, *inputs)
             logits = select_logits(out, self.cfg.logits)
             loss, parts = self.objective(logits, y, qs, t_logits, t_qs, self.student.beta or 1.0, gates)
