@@ -166,9 +166,8 @@ def hard_maxpool_gate(q: Tensor, geo: PoolGeometry) -> Tensor:
     return max_pool_with_indices(q, geo)[1]
 
 
-def max_pool_with_indices(q: Tensor, geo: PoolGeometry, contiguous: bool = True) -> tuple[Tensor, Tensor]:
-    """``(values, per-plane arg-max indices)`` of PyTorch's max-pool, contiguous like ``q`` (with ``contiguous=False``
-    possibly in another memory format, for elementwise use: the same values at the same indices).
+def max_pool_with_indices(q: Tensor, geo: PoolGeometry) -> tuple[Tensor, Tensor]:
+    """``(values, per-plane arg-max indices)`` of PyTorch's max-pool, contiguous like ``q``.
 
     On the CPU a contiguous 4-d input is pooled in channels-last layout: the same kernel rule (first maximum,
     NaN wins) and the same results, several times faster than the NCHW kernel even with both layout copies."""
@@ -176,7 +175,7 @@ def max_pool_with_indices(q: Tensor, geo: PoolGeometry, contiguous: bool = True)
     args = (geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.ceil_mode)
     if q.device.type == "cpu" and q.dim() == 4 and q.is_contiguous() and q.shape[1] > 1:
         values, indices = fn(q.contiguous(memory_format=torch.channels_last), *args, return_indices=True)
-        return (values.contiguous(), indices.contiguous()) if contiguous else (values, indices)
+        return values.contiguous(), indices.contiguous()
     return fn(q, *args, return_indices=True)
 
 

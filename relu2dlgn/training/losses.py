@@ -79,7 +79,7 @@ def site_gate_terms(spec: GateSpec, q: torch.Tensor, teacher: torch.Tensor, beta
         geo = spec.pool
         assert geo is not None
         with torch.no_grad():  # the student's hard gate (max-pool's own first-maximum rule)
-            top, student = max_pool_with_indices(q.detach(), geo, contiguous=False)  # elementwise use only
+            top, student = max_pool_with_indices(q.detach(), geo)
             agree = student == target
         if not loss:
             return None, _count(agree), agree.numel()
