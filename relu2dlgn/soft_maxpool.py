@@ -47,14 +47,15 @@ def _window(phase: Tensor, starts: tuple[int, ...], out: Sequence[int]) -> Tenso
     return phase[(slice(None), slice(None)) + tuple(slice(a, a + o) for a, o in zip(starts, out))]
 
 
-def _read(v: Tensor, g: Tensor, geo: "PoolGeometry") -> Tensor:
-    """``sum_k g[:, :, k] * v_k``, one multiply-add per kernel offset over the stride phases of the padded ``v``."""
+def _read(v: Tensor, g: Tensor, geo: "PoolGeometry") -> tuple[Tensor, dict[tuple[int, ...], Tensor]]:
+    """``sum_k g[:, :, k] * v_k``, one multiply-add per kernel offset over the stride phases of the zero-padded
+    ``v``; and those phases."""
     out_size = geo.output_size(tuple(v.shape[2:]))
     phases = _phases(padded(v, geo, 0.0), geo)
     out = torch.zeros(g.shape[:2] + out_size, dtype=torch.result_type(v, g), device=v.device)
     for k, (residues, starts) in enumerate(_phase_reads(geo)):
         out.addcmul_(g[:, :, k], _window(phases[residues], starts, out_size))
-    return out
+    return out, phases
 
 
 class _SoftSelect(torch.autograd.Function):
@@ -68,7 +69,7 @@ class _SoftSelect(torch.autograd.Function):
     def forward(ctx, v: Tensor, g: Tensor, geo: "PoolGeometry") -> Tensor:  # type: ignore[override]
         ctx.geo, ctx.size = geo, tuple(v.shape[2:])
         ctx.save_for_backward(v, g)
-        return _read(v, g, geo)
+        return _read(v, g, geo)[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -98,23 +99,25 @@ class _SoftPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, q: Tensor, g: Tensor, beta: float,  # type: ignore[override]
                 geo: "PoolGeometry") -> Tensor:
-        out = _read(v, g, geo)
-        ctx.save_for_backward(v, g, out.clone())  # out itself may be changed in place downstream
-        ctx.geo, ctx.size, ctx.beta, ctx.q_dtype = geo, tuple(v.shape[2:]), beta, q.dtype
+        out, phases = _read(v, g, geo)
+        ctx.residues = list(phases)
+        # the phases of v (what the backward reads of it) and a copy of out, which may be changed in place downstream
+        ctx.save_for_backward(g, out.clone(), *phases.values())
+        ctx.geo, ctx.size, ctx.beta, ctx.dtypes = geo, tuple(v.shape[2:]), beta, (v.dtype, q.dtype)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:  # type: ignore[override]
-        v, g, out = ctx.saved_tensors
+        g, out, *saved = ctx.saved_tensors
+        phases = dict(zip(ctx.residues, saved))
         geo, size = ctx.geo, ctx.size
         out_size = geo.output_size(size)
         grad = grad.contiguous()
         grad_v = grad_q = None
         if ctx.needs_input_grad[0]:
-            grad_v = _fold(geo, size, grad, lambda k, block: block.addcmul_(grad, g[:, :, k])).to(v.dtype)
+            grad_v = _fold(geo, size, grad, lambda k, block: block.addcmul_(grad, g[:, :, k])).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            phases = _phases(padded(v, geo, 0.0), geo)
             reads = _phase_reads(geo)
             gg, diff = torch.empty_like(grad), torch.empty_like(grad)
 
@@ -124,7 +127,7 @@ class _SoftPool(torch.autograd.Function):
                 torch.sub(_window(phases[residues], starts, out_size), out, out=diff)
                 block.addcmul_(gg, diff, value=ctx.beta)
 
-            grad_q = _fold(geo, size, grad, add).to(ctx.q_dtype)
+            grad_q = _fold(geo, size, grad, add).to(ctx.dtypes[1])
         return grad_v, grad_q, None, None, None
 
 
