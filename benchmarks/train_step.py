@@ -12,8 +12,12 @@ Rows, each as time / source step time:
 * with ``--compile``: ``Trainer (compile)`` / ``Trainer (distill, compile)`` — the same with
   ``finetune(..., compile=True)`` (torch.compile, inductor), timed after the compilation (whose time is printed).
 
-Source and DLGN steps are timed alternately, ``--repeats`` rounds of ``--steps`` steps, and the median round
-is reported, so load changes on a shared machine hit both alike; the CPU time of the timing thread is reported
+Source and DLGN steps are timed alternately, ``--repeats`` rounds of ``--steps`` steps after ``--warmup`` steps
+of each, and the median round is reported, so load changes on a shared machine hit both alike. The warm-up is
+long because one process interleaves eight training setups: glibc's heap keeps growing (fragmentation) for
+dozens of steps, each growth faulting fresh pages in (~2,000-5,000 minor faults, 25-50 ms, for the step that
+pays it), where a training job running one model settles in ~15 steps; the minor page faults per timed step are
+reported (``faults``); the CPU time of the timing thread is reported
 too (``--cpu-time``: ratios from it), which other processes on a shared machine disturb less.  CPU always; CUDA
 too when present (bf16 autocast and channels_last there, as the Trainer does).  Targets: the DLGN step <= 2.1x,
 the distillation step <= 2.5x.
@@ -59,6 +63,15 @@ from common import machine, write_json  # noqa: E402
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far (0 where ``resource`` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def make_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
@@ -131,7 +144,7 @@ def trainer_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: tor
 
 
 def bench(spec: str, size: int, batch: int, device: torch.device, steps: int, repeats: int,
-          compile: bool = False, retain: bool = True) -> dict[str, Any]:
+          compile: bool = False, retain: bool = True, warmup: int = 8) -> dict[str, Any]:
     torch.manual_seed(0)
     model = create_model(spec, num_classes=10).eval()
     x = torch.randn(batch, 3, size, size, device=device)
@@ -151,25 +164,28 @@ def bench(spec: str, size: int, batch: int, device: torch.device, steps: int, re
             fns[name]()  # compiles
             compile_s[name] = time.perf_counter() - t
             print(f"{spec}: {name}: first step (compilation) {compile_s[name]:.0f} s", flush=True)
-    for f in fns.values():  # warm-up
-        for _ in range(2):
+    for _ in range(warmup):  # interleaved, as timed
+        for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
+    faults: dict[str, int] = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for name, f in fns.items():
             _sync(device)
-            t, c = time.perf_counter(), time.thread_time()
+            t, c, flt = time.perf_counter(), time.thread_time(), _minor_faults()
             for _ in range(steps):
                 f()
             _sync(device)
             times[name].append((time.perf_counter() - t) / steps)
             cpu[name].append((time.thread_time() - c) / steps)
+            faults[name] += _minor_faults() - flt
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {"model": spec, "size": size, "batch": batch, "device": str(device), "load": os.getloadavg()[0],
             "step_s": med, "ratio": {k: v / med["source"] for k, v in med.items()},
-            "cpu_ratio": {k: v / med_cpu["source"] for k, v in med_cpu.items()}, "compile_s": compile_s}
+            "cpu_ratio": {k: v / med_cpu["source"] for k, v in med_cpu.items()}, "compile_s": compile_s,
+            "faults_per_step": {k: v / (repeats * steps) for k, v in faults.items()}}
 
 
 _MEMORY_CHILD = """
@@ -218,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps of each setup first (see the docstring)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time the Trainer step with compile=True")
     p.add_argument("--memory", action="store_true", help="also measure the peak memory of training (CPU)")
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.models.split(","):
             batch = args.gpu_batch if device.type == "cuda" else args.batch
             r = bench(spec, args.size, batch, device, args.steps, args.repeats, compile=args.compile,
-                      retain=args.malloc == "retain")
+                      retain=args.malloc == "retain", warmup=args.warmup)
             if args.memory and device.type == "cpu":
                 r["peak_bytes"] = peak_memory(spec, args.size, batch, args.steps, torch.get_num_threads(),
                                               args.malloc == "retain")
@@ -246,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"model": spec, "device": str(device), "load": round(r["load"], 1),
                               "ratio": {k: round(v, 3) for k, v in r["ratio"].items()},
                               "cpu_ratio": {k: round(v, 3) for k, v in r["cpu_ratio"].items()},
+                              "faults_per_step": {k: round(v) for k, v in r["faults_per_step"].items()},
                               **({"peak_ratio": {k: round(v, 2) for k, v in r["peak_ratio"].items()}}
                                  if "peak_ratio" in r else {})}), flush=True)
     key = "cpu_ratio" if args.cpu_time else "ratio"
