@@ -48,7 +48,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
 QUICK: dict[str, list[str]] = {  # a smoke budget: the same rows, numbers that say little
     "convert": ["--models", "resnet18", "--repeats", "1"],
     "train_step": ["--models", "timm:resnet10t", "--size", "32", "--batch", "8", "--threads", "1", "--steps", "1",
-                   "--repeats", "1"],
+                   "--repeats", "1", "--warmup", "1"],
     "eval": ["--models", "timm:resnet10t", "--size", "32", "--batches", "1", "--repeats", "2", "--threads", "1"],
     "onnx": ["--models", "timm:resnet10t", "--size", "32", "--batches", "1", "--repeats", "2", "--threads", "1"],
     "accuracy": ["--model", "timm:resnet10t", "--source-epochs", "1", "--epochs", "1", "--only", "distill",
