@@ -210,16 +210,19 @@ def test_gate_form_is_checked_and_restored():
 
 def test_cpu_max_pool_with_indices_equals_the_nchw_kernel_on_ties_and_nan():
     """gates.max_pool_with_indices pools a CPU 4-d tensor channels-last: the same values and indices as the NCHW
-    kernel, ties (first maximum), infinities and NaN (wins) included, and contiguous outputs."""
+    kernel, ties (first maximum), infinities and NaN (wins) included, and contiguous outputs; also where the
+    channels-last copy goes 16 channels at a time (planes of 4 KiB, 40 channels: a partial last block)."""
     geo = PoolGeometry.make(2, 3, 2, 1)
-    q = torch.randn(2, 5, 9, 8).relu()  # zeros: ties
-    q[0, 1, 2, 3] = float("nan")
-    q[1, 2, 4:6, 4:6] = float("inf")
-    q[1, 3] = float("-inf")
-    values, idx = G.max_pool_with_indices(q, geo)
-    ref_v, ref_i = F.max_pool2d(q, 3, 2, 1, return_indices=True)
-    assert torch.equal(idx, ref_i) and torch.allclose(values, ref_v, equal_nan=True)
-    assert values.is_contiguous() and idx.is_contiguous()
+    for shape in ((2, 5, 9, 8), (2, 40, 32, 32)):
+        q = torch.randn(shape).relu()  # zeros: ties
+        q[0, 1, 2, 3] = float("nan")
+        q[1, 2, 4:6, 4:6] = float("inf")
+        q[1, 3] = float("-inf")
+        q[1, -1, :3, :3] = float("nan")
+        values, idx = G.max_pool_with_indices(q, geo)
+        ref_v, ref_i = F.max_pool2d(q, 3, 2, 1, return_indices=True)
+        assert torch.equal(idx, ref_i) and torch.allclose(values, ref_v, equal_nan=True)
+        assert values.is_contiguous() and idx.is_contiguous()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
