@@ -58,6 +58,12 @@ def _read(v: Tensor, g: Tensor, geo: "PoolGeometry") -> tuple[Tensor, dict[tuple
     return out, phases
 
 
+def _value_grad(geo: "PoolGeometry", size: tuple[int, ...], grad: Tensor, g: Tensor) -> Tensor:
+    """The gradient of the read ``sum_k g[:, :, k] * v_k`` in ``v`` (spatial ``size``): each offset's
+    ``grad * g[:, :, k]`` folded back onto the positions it read."""
+    return _fold(geo, size, grad, lambda k, block: block.addcmul_(grad, g[:, :, k]))
+
+
 class _SoftSelect(torch.autograd.Function):
     """``out = sum_k g[:, :, k] * v_k`` with ``v_k`` what kernel offset ``k`` reads from the zero-padded ``v``:
     the padded tensor is split once into its stride phases (``s_1 * s_2 * ...`` contiguous planes), where every
@@ -86,7 +92,7 @@ class _SoftSelect(torch.autograd.Function):
                 torch.mul(grad, _window(phases[residues], starts, out_size), out=grad_g[k])
             grad_g = grad_g.movedim(0, 2)  # offset-major, as soft_gate makes g
         if ctx.needs_input_grad[0]:
-            grad_v = _fold(geo, ctx.size, grad, lambda k, block: block.addcmul_(grad, g[:, :, k])).to(v.dtype)
+            grad_v = _value_grad(geo, ctx.size, grad, g).to(v.dtype)
         return grad_v, grad_g, None
 
 
@@ -116,7 +122,7 @@ class _SoftPool(torch.autograd.Function):
         grad = grad.contiguous()
         grad_v = grad_q = None
         if ctx.needs_input_grad[0]:
-            grad_v = _fold(geo, size, grad, lambda k, block: block.addcmul_(grad, g[:, :, k])).to(ctx.dtypes[0])
+            grad_v = _value_grad(geo, size, grad, g).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             reads = _phase_reads(geo)
             gg, diff = torch.empty_like(grad), torch.empty_like(grad)

@@ -179,12 +179,13 @@ class Trainer:
                 with torch.no_grad():
                     t_out, t_qs = self.teacher(*inputs)
                     t_logits = select_logits(t_out, self.cfg.logits, "the teacher")
-            beta: torch.Tensor | float = self.student.beta or 1.0
-            if self.cfg.runtime.compile:  # a tensor, so that a new beta does not recompile
-                beta = torch.tensor(beta, dtype=torch.float32, device=self.device)
-            out, qs, gates = self.step_module(beta, *inputs)
+            beta = self.student.beta or 1.0
+            # compiled: a tensor, so that a new beta does not recompile
+            step_beta = torch.tensor(beta, dtype=torch.float32, device=self.device) if self.cfg.runtime.compile \
+                else beta
+            out, qs, gates = self.step_module(step_beta, *inputs)
             logits = select_logits(out, self.cfg.logits)
-            loss, parts = self.objective(logits, y, qs, t_logits, t_qs, self.student.beta or 1.0, gates)
+            loss, parts = self.objective(logits, y, qs, t_logits, t_qs, beta, gates)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss, parts, logits
